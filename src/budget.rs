@@ -66,7 +66,10 @@ impl Gcra {
 
     /// Gives back a slot taken and not used (a client left between grant and send).
     pub fn give_back(&mut self, now: Nanos, limit: &Limit) {
-        self.tat = self.tat.saturating_sub(limit.interval).max(now.min(self.tat));
+        self.tat = self
+            .tat
+            .saturating_sub(limit.interval)
+            .max(now.min(self.tat));
     }
 
     /// Start time of the `n`-th request that would queue behind the current state

@@ -125,9 +125,9 @@ impl Rate {
             return Err(format!("invalid rate \"{s}\": the number must be > 0"));
         }
         let seconds = match unit.trim() {
-            "s" | "sec" | "second" => 1.0,
-            "min" | "m" | "minute" => 60.0,
-            "h" | "hour" => 3600.0,
+            "s" => 1.0,
+            "min" => 60.0,
+            "h" => 3600.0,
             other => {
                 return Err(format!(
                     "invalid rate \"{s}\": unknown unit \"{other}\" (use s, min or h)"
@@ -355,13 +355,20 @@ fn yaml_error(e: &serde_yaml::Error) -> ConfigError {
     // serde_yaml's message already starts with the path ("routes[0].match: invalid type ...")
     // and ends with " at line L column C"; keep the line as ours.
     let msg = e.to_string();
-    let msg = match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg,
-    };
+    // Drop serde_yaml's own " at line L column C" parts: the line is reported as ours.
+    let mut msg = msg.as_str().to_string();
+    while let Some(i) = msg.find(" at line ") {
+        let rest = &msg[i + " at line ".len()..];
+        let end = rest
+            .find(|c: char| {
+                !(c.is_ascii_digit() || c == ' ' || c.is_ascii_alphabetic() && "column".contains(c))
+            })
+            .unwrap_or(rest.len());
+        msg = format!("{}{}", &msg[..i], &rest[end..]);
+    }
     let (path, message) = match msg.split_once(": ") {
         Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
-        _ => (String::new(), msg),
+        _ => (String::new(), format!("invalid YAML: {msg}")),
     };
     ConfigError {
         path,
@@ -843,8 +850,11 @@ impl Validator<'_> {
                     None => self.err(&p, format!("unknown budget \"{name}\"")),
                 }
             }
-            let max_wait =
-                self.duration(&format!("{base}.max_wait"), r.max_wait.as_deref(), queue_max_wait);
+            let max_wait = self.duration(
+                &format!("{base}.max_wait"),
+                r.max_wait.as_deref(),
+                queue_max_wait,
+            );
             let priority = match r.priority.as_deref() {
                 None | Some("normal") => Priority::Normal,
                 Some("high") => Priority::High,
@@ -871,7 +881,14 @@ impl Validator<'_> {
             }
         }
 
-        let max_attempts = self.whole("retry.max_attempts", raw.retry.max_attempts, 1, 5) as u32;
+        let max_attempts = self.whole("retry.max_attempts", raw.retry.max_attempts, 1, 5);
+        if max_attempts > crate::server::MAX_ATTEMPTS_CAP as i64 {
+            self.err(
+                "retry.max_attempts",
+                format!("must be at most {}", crate::server::MAX_ATTEMPTS_CAP),
+            );
+        }
+        let max_attempts = max_attempts as u32;
         let on_5xx = match raw.retry.on_5xx.as_deref() {
             None | Some("idempotent") => On5xx::Idempotent,
             Some("never") => On5xx::Never,
@@ -1019,13 +1036,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Splits an upstream base URL into (tls, host, port, base path).
 fn parse_upstream_url(url: &str) -> Result<(bool, String, u16, String), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| format!("invalid URL \"{url}\""))?;
+    let uri: http::Uri = url.parse().map_err(|_| format!("invalid URL \"{url}\""))?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(format!("invalid URL \"{url}\": the scheme must be http or https")),
+        _ => {
+            return Err(format!(
+                "invalid URL \"{url}\": the scheme must be http or https"
+            ))
+        }
     };
     let host = uri
         .host()

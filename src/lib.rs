@@ -8,15 +8,30 @@
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures: pure.
 //! - [`proxy`]: the Pingora `ProxyHttp` implementation; the only module that knows `Session`.
 //! - [`answers`]: the JSON answers the proxy makes itself.
+//! - [`shared`]: the state a running proxy shares (config in force, pacer, metrics, resolver).
 //! - [`metrics`], [`status_page`], [`admin`]: what ops see.
-//! - [`server`]: wiring: services, signals, reload.
+//! - [`reload`]: all-or-nothing config reload.
+//! - [`server`]: wiring: Pingora services, signals, drain.
 //! - [`emulator`]: a stand-in for the Genesys API, for tests and load tests.
-//! - [`loadtest`]: the shift-change load generator and HTTP client of the tests.
+//! - [`loadtest`]: the shift-change load generator and the HTTP client of the tests.
+//! - [`demo`]: emulator and proxy in one process, the same shift change with and without.
 
+pub mod admin;
+pub mod answers;
 pub mod budget;
 pub mod config;
+pub mod demo;
+pub mod emulator;
+pub mod loadtest;
+pub mod metrics;
 pub mod pacer;
+pub mod proxy;
+pub mod reload;
+pub mod retry;
 pub mod route;
+pub mod server;
+pub mod shared;
+pub mod status_page;
 
 /// Whether this build can share budgets through Redis (`cluster` in the config).
 pub const CLUSTER_SUPPORTED: bool = false;

@@ -1,1 +1,161 @@
-fn main() {}
+//! The `shiftgate` binary: `run`, `check`, `emulate`, `loadtest`, `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shiftgate::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "shiftgate",
+    version,
+    about = "A rate-shaping reverse proxy for the Genesys Cloud Platform API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file [default: $SHIFTGATE_CONFIG, else ./config.yaml]
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Take the listening sockets over from a running shiftgate (graceful upgrade: start
+        /// this, then send SIGQUIT to the old process).
+        #[arg(long, short)]
+        upgrade: bool,
+        /// Socket through which the listeners are handed over during an upgrade.
+        #[arg(long, default_value = "/tmp/shiftgate_upgrade.sock")]
+        upgrade_sock: PathBuf,
+        #[arg(long, default_value = "/tmp/shiftgate.pid")]
+        pid_file: PathBuf,
+    },
+    /// Validate a config file and exit: 0 with a summary, 1 with every error.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a stand-in for the Genesys API (for tests and load tests).
+    Emulate {
+        /// Address to listen on [default: 127.0.0.1:8081]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Emulator config (see emulator.yaml)
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Shift-change load against a target, with a report.
+    Loadtest(shiftgate::loadtest::LoadtestArgs),
+    /// Start an emulator and a proxy in-process and run the same shift change straight at the
+    /// emulator and through the proxy.
+    Demo(shiftgate::demo::DemoArgs),
+}
+
+fn config_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os("SHIFTGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("config.yaml"))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,pingora=warn,pingora_core=warn,pingora_proxy=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => {
+            let path = config_path(config);
+            match Config::load(&path) {
+                Ok(c) => {
+                    println!("{}: ok: {}", path.display(), c.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{}: {} error(s):", path.display(), errors.0.len());
+                    for e in &errors.0 {
+                        eprintln!("  {e}");
+                    }
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run {
+            config,
+            upgrade,
+            upgrade_sock,
+            pid_file,
+        } => {
+            let path = config_path(config);
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!(
+                        "{}: refusing to start, {} error(s):",
+                        path.display(),
+                        errors.0.len()
+                    );
+                    for e in &errors.0 {
+                        eprintln!("  {e}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            init_logging(config.log.format);
+            shiftgate::server::run(
+                config,
+                shiftgate::server::RunOptions {
+                    config_path: path,
+                    upgrade,
+                    upgrade_sock,
+                    pid_file,
+                },
+            )
+        }
+        Command::Emulate { listen, config } => {
+            init_logging(LogFormat::Text);
+            match runtime().block_on(shiftgate::emulator::run_cli(listen, config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shiftgate emulate: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Loadtest(args) => match runtime().block_on(shiftgate::loadtest::main(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shiftgate loadtest: {e:#}");
+                ExitCode::from(shiftgate::loadtest::exit_code(&e) as u8)
+            }
+        },
+        Command::Demo(args) => match shiftgate::demo::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shiftgate demo: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}

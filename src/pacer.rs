@@ -345,10 +345,18 @@ impl Pacer {
         }
         let not_after = demand.not_after.map(|t| st.nanos(t));
         for b in &demand.buckets {
-            st.buckets.get_mut(b).expect("inserted above").queue.insert(order, id);
+            st.buckets
+                .get_mut(b)
+                .expect("inserted above")
+                .queue
+                .insert(order, id);
         }
         if let Some(first) = demand.buckets.first() {
-            st.buckets.get_mut(first).expect("inserted above").firsts.insert(order, id);
+            st.buckets
+                .get_mut(first)
+                .expect("inserted above")
+                .firsts
+                .insert(order, id);
         } else {
             // Nothing to wait for.
             drop(st);
@@ -394,14 +402,21 @@ impl Pacer {
     /// Tells the budgets of a throttled request: pause them for `retry_after` and lower their
     /// rate in force. `sent_at` is when that request left (its [`Grant::at`]). Returns the
     /// budget names whose rate was lowered.
-    pub fn throttle(&self, buckets: &[BucketKey], retry_after: Duration, sent_at: Instant) -> Vec<String> {
+    pub fn throttle(
+        &self,
+        buckets: &[BucketKey],
+        retry_after: Duration,
+        sent_at: Instant,
+    ) -> Vec<String> {
         let mut st = self.lock();
         let now = st.nanos(Instant::now());
         let sent = st.nanos(sent_at);
         let until = now + retry_after.as_nanos() as Nanos;
         let mut lowered = Vec::new();
         for key in buckets {
-            let Some(b) = st.buckets.get_mut(key) else { continue };
+            let Some(b) = st.buckets.get_mut(key) else {
+                continue;
+            };
             if b.adaptive.throttled(now, sent) {
                 lowered.push(key.budget.to_string());
             }
@@ -443,8 +458,8 @@ impl Pacer {
                     // The time still owed at the old rate is owed at the new one instead, so
                     // a slower rate cannot keep those waiting for long after a faster one came.
                     if b.gcra.tat > now && old.interval != new.interval {
-                        let owed = (b.gcra.tat - now) as f64 * new.interval as f64
-                            / old.interval as f64;
+                        let owed =
+                            (b.gcra.tat - now) as f64 * new.interval as f64 / old.interval as f64;
                         b.gcra.tat = now + owed as Nanos;
                     }
                 }
@@ -761,11 +776,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_is_released_at_the_configured_rate_in_fifo_order() {
-        let p = Pacer::new(&[spec("g", 10.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 10.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let t0 = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..20 {
-            let t = p.admit(demand(&p, &[("g", None)], Priority::Normal)).unwrap();
+            let t = p
+                .admit(demand(&p, &[("g", None)], Priority::Normal))
+                .unwrap();
             spawn_waiter(t, i, t0, tx.clone());
         }
         drop(tx);
@@ -786,21 +807,32 @@ mod tests {
         // "slow" allows 1/s, "fast" 100/s. A request needs both; it waits on slow. Meanwhile
         // requests that need only fast must keep fast's full rate.
         let p = Pacer::new(
-            &[spec("slow", 1.0, 1, Per::Global), spec("fast", 100.0, 1, Per::Global)],
+            &[
+                spec("slow", 1.0, 1, Per::Global),
+                spec("fast", 100.0, 1, Per::Global),
+            ],
             1000,
             Duration::from_secs(10),
         );
         let t0 = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // first takes slow's only slot for the next second
-        let mut first = p.admit(demand(&p, &[("slow", None)], Priority::Normal)).unwrap();
+        let mut first = p
+            .admit(demand(&p, &[("slow", None)], Priority::Normal))
+            .unwrap();
         first.granted().await.unwrap().commit();
         let both = p
-            .admit(demand(&p, &[("fast", None), ("slow", None)], Priority::Normal))
+            .admit(demand(
+                &p,
+                &[("fast", None), ("slow", None)],
+                Priority::Normal,
+            ))
             .unwrap();
         spawn_waiter(both, 999, t0, tx.clone());
         for i in 0..50 {
-            let t = p.admit(demand(&p, &[("fast", None)], Priority::Normal)).unwrap();
+            let t = p
+                .admit(demand(&p, &[("fast", None)], Priority::Normal))
+                .unwrap();
             spawn_waiter(t, i, t0, tx.clone());
         }
         drop(tx);
@@ -820,7 +852,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_exhausted_token_does_not_hold_back_the_shared_budget() {
         let p = Pacer::new(
-            &[spec("shared", 100.0, 1, Per::Global), spec("tok", 1.0, 1, Per::Token)],
+            &[
+                spec("shared", 100.0, 1, Per::Global),
+                spec("tok", 1.0, 1, Per::Token),
+            ],
             1000,
             Duration::from_secs(10),
         );
@@ -829,14 +864,22 @@ mod tests {
         // token 1 sends 3: the 2nd and 3rd wait 1 s and 2 s on its own bucket.
         for i in 0..3 {
             let t = p
-                .admit(demand(&p, &[("shared", None), ("tok", Some(1))], Priority::Normal))
+                .admit(demand(
+                    &p,
+                    &[("shared", None), ("tok", Some(1))],
+                    Priority::Normal,
+                ))
                 .unwrap();
             spawn_waiter(t, i, t0, tx.clone());
         }
         // tokens 2..=11 send one each and must not wait behind token 1.
         for k in 2..12u8 {
             let t = p
-                .admit(demand(&p, &[("shared", None), ("tok", Some(k))], Priority::Normal))
+                .admit(demand(
+                    &p,
+                    &[("shared", None), ("tok", Some(k))],
+                    Priority::Normal,
+                ))
                 .unwrap();
             spawn_waiter(t, 100 + k as usize, t0, tx.clone());
         }
@@ -856,7 +899,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn priority_goes_first_and_aging_prevents_starvation() {
         // 1/s, aging 1 s per level: a low request is 2 s behind a high one of the same arrival.
-        let p = Pacer::new(&[spec("g", 1.0, 1, Per::Global)], 1000, Duration::from_secs(1));
+        let p = Pacer::new(
+            &[spec("g", 1.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(1),
+        );
         let t0 = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // hold the bucket until 1 s so that all of these queue
@@ -866,16 +913,35 @@ mod tests {
             .await
             .unwrap()
             .commit();
-        for (label, prio) in [(0, Priority::Low), (1, Priority::Normal), (2, Priority::High)] {
-            spawn_waiter(p.admit(demand(&p, &[("g", None)], prio)).unwrap(), label, t0, tx.clone());
+        for (label, prio) in [
+            (0, Priority::Low),
+            (1, Priority::Normal),
+            (2, Priority::High),
+        ] {
+            spawn_waiter(
+                p.admit(demand(&p, &[("g", None)], prio)).unwrap(),
+                label,
+                t0,
+                tx.clone(),
+            );
         }
         // A high one at 1.5 s still passes the low one (1.5 < 0 + 2) ...
         tokio::time::sleep_until(t0 + Duration::from_millis(1500)).await;
-        spawn_waiter(p.admit(demand(&p, &[("g", None)], Priority::High)).unwrap(), 10, t0, tx.clone());
+        spawn_waiter(
+            p.admit(demand(&p, &[("g", None)], Priority::High)).unwrap(),
+            10,
+            t0,
+            tx.clone(),
+        );
         // ... but those at 2.5 s do not: the low one has aged past them.
         tokio::time::sleep_until(t0 + Duration::from_millis(2500)).await;
         for label in [11, 12] {
-            spawn_waiter(p.admit(demand(&p, &[("g", None)], Priority::High)).unwrap(), label, t0, tx.clone());
+            spawn_waiter(
+                p.admit(demand(&p, &[("g", None)], Priority::High)).unwrap(),
+                label,
+                t0,
+                tx.clone(),
+            );
         }
         drop(tx);
         let mut got = Vec::new();
@@ -884,13 +950,24 @@ mod tests {
         }
         assert_eq!(
             got,
-            vec![(2, 1000), (1, 2000), (10, 3000), (0, 4000), (11, 5000), (12, 6000)]
+            vec![
+                (2, 1000),
+                (1, 2000),
+                (10, 3000),
+                (0, 4000),
+                (11, 5000),
+                (12, 6000)
+            ]
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn admission_predicts_the_wait_and_refuses_what_cannot_start_in_time() {
-        let p = Pacer::new(&[spec("g", 10.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 10.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let mut d = demand(&p, &[("g", None)], Priority::Normal);
         d.max_wait = Duration::from_millis(450);
         let mut tickets = Vec::new();
@@ -909,7 +986,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_queue_has_a_maximum_depth() {
-        let p = Pacer::new(&[spec("g", 1.0, 1, Per::Global)], 3, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 1.0, 1, Per::Global)],
+            3,
+            Duration::from_secs(10),
+        );
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let _t: Vec<Ticket> = (0..4).map(|_| p.admit(d.clone()).unwrap()).collect();
         assert_eq!(p.depth(), 3);
@@ -918,22 +999,39 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_waiter_leaves_and_its_slot_goes_to_the_next() {
-        let p = Pacer::new(&[spec("g", 10.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 10.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
-        p.admit(d.clone()).unwrap().granted().await.unwrap().commit();
+        p.admit(d.clone())
+            .unwrap()
+            .granted()
+            .await
+            .unwrap()
+            .commit();
         let leaving = p.admit(d.clone()).unwrap();
         let mut staying = p.admit(d.clone()).unwrap();
         assert_eq!(p.depth(), 2);
         drop(leaving);
         assert_eq!(p.depth(), 1);
         let g = staying.granted().await.unwrap();
-        assert_eq!((g.at - t0).as_millis(), 100, "took the slot the leaver would have had");
+        assert_eq!(
+            (g.at - t0).as_millis(),
+            100,
+            "took the slot the leaver would have had"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_grant_dropped_unused_gives_its_slot_back() {
-        let p = Pacer::new(&[spec("g", 10.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 10.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
@@ -944,7 +1042,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_throttle_pauses_the_bucket_for_everyone_then_one_probe_then_the_lower_rate() {
-        let p = Pacer::new(&[spec("g", 10.0, 5, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 10.0, 5, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
@@ -972,10 +1074,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_goes_to_the_head_of_the_queue() {
-        let p = Pacer::new(&[spec("g", 10.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 10.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
-        p.admit(d.clone()).unwrap().granted().await.unwrap().commit();
+        p.admit(d.clone())
+            .unwrap()
+            .granted()
+            .await
+            .unwrap()
+            .commit();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..3 {
             spawn_waiter(p.admit(d.clone()).unwrap(), i, t0, tx.clone());
@@ -990,17 +1101,30 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reload_applies_new_rates_to_those_already_waiting() {
-        let p = Pacer::new(&[spec("g", 1.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("g", 1.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
-        p.admit(d.clone()).unwrap().granted().await.unwrap().commit();
+        p.admit(d.clone())
+            .unwrap()
+            .granted()
+            .await
+            .unwrap()
+            .commit();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..5 {
             spawn_waiter(p.admit(d.clone()).unwrap(), i, t0, tx.clone());
         }
         drop(tx);
         tokio::time::sleep(Duration::from_millis(10)).await;
-        p.update(&[spec("g", 100.0, 1, Per::Global)], 1000, Duration::from_secs(10));
+        p.update(
+            &[spec("g", 100.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
         let mut at = Vec::new();
         while let Some((_, t)) = rx.recv().await {
             at.push(t.as_millis());
@@ -1011,7 +1135,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_keyed_buckets_are_forgotten() {
-        let p = Pacer::new(&[spec("tok", 100.0, 1, Per::Token)], 1000, Duration::from_secs(10));
+        let p = Pacer::new(
+            &[spec("tok", 100.0, 1, Per::Token)],
+            1000,
+            Duration::from_secs(10),
+        );
         for k in 0..200u8 {
             let d = demand(&p, &[("tok", Some(k))], Priority::Normal);
             p.admit(d).unwrap().granted().await.unwrap().commit();

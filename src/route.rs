@@ -140,10 +140,14 @@ impl fmt::Display for PathTemplate {
 }
 
 /// Index of the first route (in config order) that matches.
-pub fn find_route(routes: &[crate::config::RouteSpec], method: &http::Method, path: &str) -> Option<usize> {
-    routes.iter().position(|r| {
-        r.method.as_ref().is_none_or(|m| m == method) && r.path.matches(path)
-    })
+pub fn find_route(
+    routes: &[crate::config::RouteSpec],
+    method: &http::Method,
+    path: &str,
+) -> Option<usize> {
+    routes
+        .iter()
+        .position(|r| r.method.as_ref().is_none_or(|m| m == method) && r.path.matches(path))
 }
 
 /// The path and query sent upstream: `strip_prefix` removed from the path, the upstream's base
@@ -186,19 +190,37 @@ mod tests {
 
     #[test]
     fn bad_templates_are_refused_with_the_reason() {
-        assert!(PathTemplate::parse("api/x").unwrap_err().contains("must start with /"));
-        assert!(PathTemplate::parse("/a/**/b").unwrap_err().contains("last segment"));
-        assert!(PathTemplate::parse("/a/{}").unwrap_err().contains("bad parameter"));
-        assert!(PathTemplate::parse("/a/{x}/{x}").unwrap_err().contains("twice"));
-        assert!(PathTemplate::parse("/a/x{y}").unwrap_err().contains("mixes"));
-        assert!(PathTemplate::parse("/a//b").unwrap_err().contains("empty segment"));
+        assert!(PathTemplate::parse("api/x")
+            .unwrap_err()
+            .contains("must start with /"));
+        assert!(PathTemplate::parse("/a/**/b")
+            .unwrap_err()
+            .contains("last segment"));
+        assert!(PathTemplate::parse("/a/{}")
+            .unwrap_err()
+            .contains("bad parameter"));
+        assert!(PathTemplate::parse("/a/{x}/{x}")
+            .unwrap_err()
+            .contains("twice"));
+        assert!(PathTemplate::parse("/a/x{y}")
+            .unwrap_err()
+            .contains("mixes"));
+        assert!(PathTemplate::parse("/a//b")
+            .unwrap_err()
+            .contains("empty segment"));
     }
 
     #[test]
     fn upstream_path_strips_the_prefix_on_a_segment_boundary_only() {
-        assert_eq!(upstream_path("/login/oauth/token", Some("/login"), ""), "/oauth/token");
+        assert_eq!(
+            upstream_path("/login/oauth/token", Some("/login"), ""),
+            "/oauth/token"
+        );
         assert_eq!(upstream_path("/login", Some("/login"), ""), "/");
         assert_eq!(upstream_path("/loginx/a", Some("/login"), ""), "/loginx/a");
-        assert_eq!(upstream_path("/api/v2/x?a=1&b=2", None, "/base"), "/base/api/v2/x?a=1&b=2");
+        assert_eq!(
+            upstream_path("/api/v2/x?a=1&b=2", None, "/base"),
+            "/base/api/v2/x?a=1&b=2"
+        );
     }
 }

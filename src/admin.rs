@@ -1,0 +1,265 @@
+//! The admin listener: /metrics, /healthz, /readyz, /status, /status.json and POST /-/reload.
+//! Plain hyper on its own task, so it keeps answering while the proxy drains.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::proxy::NO_ROUTE_LABEL;
+use crate::shared::Shared;
+use crate::status_page::{self, BudgetStatus, RouteStatus, StatusSnapshot};
+
+type Body = Full<Bytes>;
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds the admin address (port 0 allowed).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if shared.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                text(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            refresh_gauges(shared);
+            text(
+                StatusCode::OK,
+                &shared.metrics.content_type(),
+                shared.metrics.encode(),
+            )
+        }
+        (&Method::GET, "/status") => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status_page::render_html(&snapshot(shared)),
+        ),
+        (&Method::GET, "/status.json") => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&snapshot(shared)).expect("serializable"),
+        ),
+        (&Method::POST, "/-/reload") => reload(req, shared).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json" | "/-/reload") => {
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n",
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+async fn reload(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+    let env = shared.config.load().admin_token_env.clone();
+    if let Some(expected) = env
+        .and_then(|name| std::env::var(name).ok())
+        .filter(|v| !v.is_empty())
+    {
+        let given = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "a valid admin token is required: Authorization: Bearer <token>\n",
+            );
+        }
+    }
+    // The body is not used; read it so the connection stays usable.
+    let _ = req.into_body().collect().await;
+    let shared2 = shared.clone();
+    let result =
+        tokio::task::spawn_blocking(move || crate::reload::reload(&shared2, "POST /-/reload"))
+            .await;
+    match result {
+        Ok(Ok(r)) => {
+            let mut body = format!("reloaded: {}\n", r.summary);
+            if !r.restart_needed.is_empty() {
+                body.push_str(&format!(
+                    "needs a restart to take effect: {}\n",
+                    r.restart_needed.join(", ")
+                ));
+            }
+            text(StatusCode::OK, "text/plain", body)
+        }
+        Ok(Err(errors)) => text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!("config not reloaded, the old one stays in force:\n{errors}\n"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("reload failed: {e}\n"),
+        ),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn refresh_gauges(shared: &Shared) {
+    shared.refresh_rates();
+}
+
+/// The state of the proxy as people see it.
+pub fn snapshot(shared: &Shared) -> StatusSnapshot {
+    let cfg = shared.config.load();
+    let m = &shared.metrics;
+    let views = shared.pacer.view();
+    let counter = |v: &prometheus::IntCounterVec, route: &str| -> u64 {
+        // Sum over the second label of a (route, x) counter.
+        use prometheus::core::Collector;
+        v.collect()
+            .iter()
+            .flat_map(|mf| mf.get_metric().iter())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "route" && l.value() == route)
+            })
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    };
+    let routes = cfg
+        .routes
+        .iter()
+        .map(|r| RouteStatus {
+            name: r.name.clone(),
+            method: r.method.as_ref().map(|m| m.to_string()),
+            path: r.path.to_string(),
+            upstream: cfg.upstreams[r.upstream].name.clone(),
+            budgets: r
+                .budgets
+                .iter()
+                .map(|&i| cfg.budgets[i].name.clone())
+                .collect(),
+            priority: r.priority.to_string(),
+            max_wait_seconds: r.max_wait.as_secs_f64(),
+            queue_depth: m
+                .queue_depth
+                .with_label_values(&[r.name.as_str()])
+                .get()
+                .max(0) as u64,
+            inflight: m
+                .inflight_requests
+                .with_label_values(&[r.name.as_str()])
+                .get()
+                .max(0) as u64,
+            requests_total: counter(&m.requests_total, &r.name),
+            rejections_total: counter(&m.rejections_total, &r.name),
+        })
+        .collect::<Vec<_>>();
+    let budgets = cfg
+        .budgets
+        .iter()
+        .map(|b| {
+            let v = views.iter().find(|v| v.name == b.name);
+            BudgetStatus {
+                name: b.name.clone(),
+                per: b.per.to_string(),
+                burst: b.burst,
+                configured_rate: b.rate.per_second,
+                rate_in_force: v.map_or(b.rate.per_second, |v| v.rate_in_force),
+                keys: v.map_or(0, |v| v.keys as u64),
+                paused_for_seconds: v.map_or(0.0, |v| v.paused_for.as_secs_f64()),
+                waiting: v.map_or(0, |v| v.waiting as u64),
+                throttles_total: m
+                    .budget_throttles_total
+                    .with_label_values(&[b.name.as_str()])
+                    .get(),
+            }
+        })
+        .collect();
+    let last = shared
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let inflight: u64 = routes.iter().map(|r| r.inflight).sum();
+    let _ = NO_ROUTE_LABEL;
+    StatusSnapshot {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: shared.started.elapsed().as_secs(),
+        draining: shared.is_draining(),
+        config_path: shared.config_path.display().to_string(),
+        last_reload_unix: last
+            .as_ref()
+            .and_then(|r| r.at.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
+        last_reload_ok: last.as_ref().map(|r| r.ok),
+        last_reload_error: last.and_then(|r| r.error),
+        queue_depth: shared.pacer.depth() as u64,
+        queue_max_depth: cfg.queue.max_depth as u64,
+        inflight,
+        routes,
+        budgets,
+        recent_throttles: shared
+            .recent_throttles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .cloned()
+            .collect(),
+    }
+}

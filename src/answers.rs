@@ -1,0 +1,150 @@
+//! The answers the proxy makes itself: Genesys-shaped JSON bodies with a correlation id, and an
+//! integer `Retry-After` spelled exactly so (the Java and .NET SDKs look it up case-sensitively).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    QueueWait,
+    QueueFull,
+    BodyTooLarge,
+    NoRoute,
+    ShuttingDown,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::QueueWait,
+        Reason::QueueFull,
+        Reason::BodyTooLarge,
+        Reason::NoRoute,
+        Reason::ShuttingDown,
+        Reason::UpstreamUnreachable,
+        Reason::UpstreamTimeout,
+    ];
+
+    pub fn status(self) -> u16 {
+        match self {
+            Reason::QueueWait | Reason::QueueFull => 429,
+            Reason::BodyTooLarge => 413,
+            Reason::NoRoute => 404,
+            Reason::ShuttingDown => 503,
+            Reason::UpstreamUnreachable => 502,
+            Reason::UpstreamTimeout => 504,
+        }
+    }
+
+    /// The `code` of the JSON body.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::QueueWait => "shiftgate.queue.wait",
+            Reason::QueueFull => "shiftgate.queue.full",
+            Reason::BodyTooLarge => "shiftgate.body.too.large",
+            Reason::NoRoute => "shiftgate.no.route",
+            Reason::ShuttingDown => "shiftgate.shutting.down",
+            Reason::UpstreamUnreachable => "shiftgate.upstream.unreachable",
+            Reason::UpstreamTimeout => "shiftgate.upstream.timeout",
+        }
+    }
+
+    /// The `reason` label of `shiftgate_rejections_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::QueueWait => "queue_wait",
+            Reason::QueueFull => "queue_full",
+            Reason::BodyTooLarge => "body_too_large",
+            Reason::NoRoute => "no_route",
+            Reason::ShuttingDown => "shutting_down",
+            Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+}
+
+/// One answer of the proxy's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub reason: Reason,
+    pub message: String,
+    /// Whole seconds, at least 1, when the client should try again.
+    pub retry_after: Option<u64>,
+    pub correlation_id: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    message: &'a str,
+    code: &'a str,
+    status: u16,
+    context_id: &'a str,
+    details: [(); 0],
+    errors: [(); 0],
+}
+
+impl Answer {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Answer {
+        Answer {
+            reason,
+            message: message.into(),
+            retry_after: None,
+            correlation_id: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    pub fn retry_after(mut self, wait: Duration) -> Answer {
+        self.retry_after = Some(retry_after_secs(wait));
+        self
+    }
+
+    /// The JSON body.
+    ///
+    /// ```
+    /// use shiftgate::answers::{Answer, Reason};
+    /// let a = Answer::new(Reason::NoRoute, "no route for GET /x");
+    /// let v: serde_json::Value = serde_json::from_str(&a.body()).unwrap();
+    /// assert_eq!(v["code"], "shiftgate.no.route");
+    /// assert_eq!(v["status"], 404);
+    /// assert_eq!(v["contextId"], a.correlation_id.as_str());
+    /// assert_eq!(v["details"], serde_json::json!([]));
+    /// ```
+    pub fn body(&self) -> String {
+        serde_json::to_string(&Body {
+            message: &self.message,
+            code: self.reason.code(),
+            status: self.reason.status(),
+            context_id: &self.correlation_id,
+            details: [],
+            errors: [],
+        })
+        .expect("plain struct serializes")
+    }
+
+    /// Headers besides Content-Type and Content-Length.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![("ININ-Correlation-Id", self.correlation_id.clone())];
+        if let Some(s) = self.retry_after {
+            h.push(("Retry-After", s.to_string()));
+        }
+        h
+    }
+}
+
+/// A wait as a `Retry-After` value: whole seconds, rounded up, at least 1.
+///
+/// ```
+/// use std::time::Duration;
+/// use shiftgate::answers::retry_after_secs;
+/// assert_eq!(retry_after_secs(Duration::ZERO), 1);
+/// assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+/// assert_eq!(retry_after_secs(Duration::from_secs(42)), 42);
+/// ```
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    s.max(1)
+}

@@ -1,0 +1,84 @@
+//! Config reload: all or nothing. The new file is read and validated off the request path,
+//! then swapped in with one store; a broken file changes nothing and is counted.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, ConfigErrors};
+use crate::shared::{ReloadRecord, Shared};
+
+/// What a successful reload did.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub summary: String,
+    /// Keys that changed but only take effect after a restart.
+    pub restart_needed: Vec<&'static str>,
+    /// False when the file had not changed.
+    pub changed: bool,
+}
+
+/// Reloads the config file. `trigger` names what asked for it, for the log.
+pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErrors> {
+    let result = Config::load(&shared.config_path);
+    let m = &shared.metrics;
+    let now = SystemTime::now();
+    match result {
+        Err(errors) => {
+            m.config_reloads_total.with_label_values(&["failure"]).inc();
+            tracing::error!(
+                trigger,
+                path = %shared.config_path.display(),
+                "config reload failed, the old config stays in force:\n{errors}"
+            );
+            *shared.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(ReloadRecord {
+                at: now,
+                ok: false,
+                error: Some(errors.to_string()),
+            });
+            Err(errors)
+        }
+        Ok(mut new) => {
+            let old = shared.config.load_full();
+            let restart_needed = old.restart_needed(&new);
+            // Keys that cannot change live keep their running values; the rest applies.
+            new.listen = old.listen;
+            new.admin_listen = old.admin_listen;
+            new.workers = old.workers;
+            new.cluster = old.cluster.clone();
+            new.log = old.log.clone();
+            let changed = *old != new;
+            if changed {
+                shared
+                    .pacer
+                    .update(&new.budgets, new.queue.max_depth, new.queue.aging);
+                shared.config.store(Arc::new(new));
+                shared.publish_config();
+            }
+            m.config_reloads_total.with_label_values(&["success"]).inc();
+            m.config_last_reload_success_timestamp_seconds.set(
+                now.duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+            );
+            *shared.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(ReloadRecord {
+                at: now,
+                ok: true,
+                error: None,
+            });
+            let summary = shared.config.load().summary();
+            if !restart_needed.is_empty() {
+                tracing::warn!(
+                    trigger,
+                    keys = ?restart_needed,
+                    "config reloaded; these keys need a restart to take effect"
+                );
+            }
+            tracing::info!(trigger, changed, "config reloaded: {summary}");
+            Ok(Reloaded {
+                summary,
+                restart_needed,
+                changed,
+            })
+        }
+    }
+}

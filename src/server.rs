@@ -1,0 +1,275 @@
+//! Wiring of a running proxy: the Pingora server and its services (proxy, admin, config
+//! watcher), signals (SIGTERM drains, SIGQUIT hands the listeners to a new process, SIGHUP
+//! reloads) and the early exit once the last answer is out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::shared::Shared;
+
+/// Upper bound of `retry.max_attempts`: Pingora's retry loop is sized once at start.
+pub const MAX_ATTEMPTS_CAP: usize = 50;
+
+/// How `shiftgate run` was asked to start.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    /// Take the listening sockets over from a running shiftgate (graceful upgrade).
+    pub upgrade: bool,
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+/// Runs the proxy until it is told to stop. Never returns.
+pub fn run(config: Config, opts: RunOptions) -> ! {
+    let admin = match bind_reusable(config.admin_listen) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on admin_listen {}: {e}", config.admin_listen);
+            std::process::exit(1);
+        }
+    };
+    let listen = config.listen;
+    let workers = config.workers;
+    let drain = config.shutdown.drain_timeout;
+    let shared = Shared::new(config, opts.config_path.clone());
+
+    let conf = ServerConf {
+        threads: workers,
+        // SIGTERM: we drain first (see Signals), so Pingora's fixed grace period is only the
+        // upper bound for a graceful upgrade; the process exits as soon as nothing is left.
+        grace_period_seconds: Some(drain.as_secs() + 5),
+        graceful_shutdown_timeout_seconds: Some(1),
+        max_retries: MAX_ATTEMPTS_CAP,
+        upgrade_sock: opts.upgrade_sock.display().to_string(),
+        pid_file: opts.pid_file.display().to_string(),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy {
+            shared: shared.clone(),
+        },
+        "shiftgate proxy",
+    );
+    proxy.add_tcp(&listen.to_string());
+    proxy.threads = Some(workers);
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "admin",
+        AdminService {
+            shared: shared.clone(),
+            listener: std::sync::Mutex::new(Some(admin)),
+        },
+    ));
+    server.add_service(background_service(
+        "config watcher",
+        Watcher {
+            shared: shared.clone(),
+        },
+    ));
+
+    let phases = server.watch_execution_phase();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "shiftgate listening on {listen}, admin on {}",
+        shared.config.load().admin_listen
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            shared: shared.clone(),
+            phases: std::sync::Mutex::new(Some(phases)),
+        }),
+    });
+    std::process::exit(0)
+}
+
+/// A listening socket that a new process can bind too during a graceful upgrade.
+fn bind_reusable(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+struct AdminService {
+    shared: Arc<Shared>,
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let Some(std_listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
+            return;
+        };
+        let listener = match tokio::net::TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("admin listener: {e}");
+                return;
+            }
+        };
+        // Not stopped by Pingora's shutdown watch: /readyz must keep answering 503 while the
+        // proxy drains; the process exit ends it.
+        crate::admin::serve(listener, self.shared.clone(), std::future::pending()).await;
+    }
+}
+
+/// Reloads on SIGHUP and when the config file changes (also when it is replaced by rename, or a
+/// Kubernetes ConfigMap swaps its `..data` symlink: the path is stat'ed through the links).
+struct Watcher {
+    shared: Arc<Shared>,
+}
+
+/// What identifies one version of the config file.
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino(), m.dev()))
+}
+
+/// How often the config file is looked at.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+#[async_trait]
+impl BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot watch SIGHUP: {e}");
+                None
+            }
+        };
+        let path = self.shared.config_path.clone();
+        let mut stamp = file_stamp(&path);
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            let trigger = tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                _ = tick.tick() => {
+                    let now = file_stamp(&path);
+                    if now == stamp || now.is_none() {
+                        continue;
+                    }
+                    stamp = now;
+                    "file change"
+                }
+            };
+            let shared = self.shared.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || crate::reload::reload(&shared, trigger)).await;
+        }
+    }
+}
+
+/// Pingora's shutdown signals, with a drain before a graceful stop.
+struct Signals {
+    shared: Arc<Shared>,
+    phases:
+        std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>>>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let kind = tokio::select! {
+            _ = term.recv() => {
+                drain(&self.shared).await;
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping now");
+                return ShutdownSignal::FastShutdown;
+            }
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing the listening sockets to the new process");
+                ShutdownSignal::GracefulUpgrade
+            }
+        };
+        // Pingora now closes the listeners, then sleeps its grace period: exit as soon as the
+        // last request in progress has its answer instead.
+        if let Some(phases) = self.phases.lock().ok().and_then(|mut p| p.take()) {
+            exit_when_idle(self.shared.clone(), phases);
+        }
+        kind
+    }
+}
+
+/// SIGTERM: `/readyz` turns 503 and new requests are refused at once; requests already waiting
+/// keep being paced and sent for up to `shutdown.drain_timeout`; what still waits then is
+/// answered 503 `shiftgate.shutting.down`.
+async fn drain(shared: &Arc<Shared>) {
+    shared.draining.store(true, Ordering::SeqCst);
+    let timeout = shared.config.load().shutdown.drain_timeout;
+    tracing::info!(
+        waiting = shared.pacer.depth(),
+        "SIGTERM: draining for up to {timeout:?}"
+    );
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && shared.pacer.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shared.pacer.depth();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "drain timeout: answering those still waiting with 503"
+        );
+        shared.pacer.close_all();
+    }
+    // Let the answers in progress finish (bounded: an upstream may be slow).
+    let until = Instant::now() + Duration::from_secs(5).min(timeout + Duration::from_secs(1));
+    while Instant::now() < until && shared.active.load(Ordering::SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn exit_when_idle(
+    shared: Arc<Shared>,
+    mut phases: tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>,
+) {
+    std::thread::spawn(move || {
+        // Wait for the listeners to close (after the upgrade handoff, too).
+        loop {
+            match phases.blocking_recv() {
+                Ok(pingora::server::ExecutionPhase::ShutdownGracePeriod) => break,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+        while shared.active.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!("all answers sent; exiting");
+        std::process::exit(0);
+    });
+}

@@ -1,0 +1,174 @@
+//! The state every part of a running proxy shares: the config in force (swapped whole on
+//! reload), the pacer, metrics, the resolver and the lifecycle flags.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pacer::Pacer;
+use crate::status_page::ThrottleEvent;
+
+/// How many throttle events the status page keeps.
+const RECENT_THROTTLES: usize = 20;
+
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub config_path: PathBuf,
+    pub pacer: Pacer,
+    pub metrics: Arc<Metrics>,
+    pub resolver: Resolver,
+    /// Set on SIGTERM: `/readyz` answers 503, new requests are refused.
+    pub draining: AtomicBool,
+    /// Requests between arrival and their logging phase.
+    pub active: AtomicI64,
+    pub started: Instant,
+    pub recent_throttles: Mutex<VecDeque<ThrottleEvent>>,
+    pub last_reload: Mutex<Option<ReloadRecord>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReloadRecord {
+    pub at: SystemTime,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_path: PathBuf) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::new());
+        let pacer = Pacer::new(&config.budgets, config.queue.max_depth, config.queue.aging);
+        let shared = Arc::new(Shared {
+            config_path,
+            pacer,
+            metrics,
+            resolver: Resolver::default(),
+            draining: AtomicBool::new(false),
+            active: AtomicI64::new(0),
+            started: Instant::now(),
+            recent_throttles: Mutex::new(VecDeque::new()),
+            last_reload: Mutex::new(None),
+            config: ArcSwap::from_pointee(config),
+        });
+        shared.publish_config();
+        shared
+    }
+
+    /// Makes the config in force visible in metrics (label sets, configured rates).
+    pub fn publish_config(&self) {
+        let cfg = self.config.load();
+        let routes: Vec<&str> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
+        let budgets: Vec<&str> = cfg.budgets.iter().map(|b| b.name.as_str()).collect();
+        self.metrics.init_labels(&routes, &budgets);
+        for b in &cfg.budgets {
+            self.metrics
+                .budget_configured_rate
+                .with_label_values(&[b.name.as_str()])
+                .set(b.rate.per_second);
+        }
+        self.refresh_rates();
+    }
+
+    /// Copies the rates in force into their gauge.
+    pub fn refresh_rates(&self) {
+        for v in self.pacer.view() {
+            self.metrics
+                .budget_rate
+                .with_label_values(&[v.name.as_str()])
+                .set(v.rate_in_force);
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn record_throttle(&self, event: ThrottleEvent) {
+        let mut q = self
+            .recent_throttles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if q.len() == RECENT_THROTTLES {
+            q.pop_front();
+        }
+        q.push_back(event);
+    }
+}
+
+/// Upstream host names resolved off the blocking path (Pingora's own lookup blocks and panics
+/// on failure), cached for a while, with the last good answer kept when a refresh fails.
+#[derive(Default)]
+pub struct Resolver {
+    cache: Mutex<HashMap<(String, u16), (Vec<SocketAddr>, Instant)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot resolve {host}: {source}")]
+    Lookup {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{0} resolves to no address")]
+    Empty(String),
+    #[error("resolving {0} timed out")]
+    Timeout(String),
+}
+
+impl Resolver {
+    const TTL: Duration = Duration::from_secs(30);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let key = (host.to_string(), port);
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some((addrs, at)) = &cached {
+            if at.elapsed() < Self::TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let looked_up = tokio::time::timeout(Self::TIMEOUT, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| ResolveError::Timeout(host.to_string()))
+            .and_then(|r| {
+                r.map_err(|source| ResolveError::Lookup {
+                    host: host.to_string(),
+                    source,
+                })
+            })
+            .map(|it| it.collect::<Vec<_>>());
+        match looked_up {
+            Ok(addrs) if !addrs.is_empty() => {
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, (addrs.clone(), Instant::now()));
+                Ok(addrs)
+            }
+            Ok(_) => cached
+                .map(|(a, _)| a)
+                .ok_or_else(|| ResolveError::Empty(host.to_string())),
+            Err(e) => match cached {
+                Some((a, _)) => {
+                    tracing::warn!(error = %e, "keeping the last addresses of {host}");
+                    Ok(a)
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
