@@ -181,11 +181,14 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(spec: &BudgetSpec) -> Bucket {
+    fn new(spec: &BudgetSpec, guard: f64) -> Bucket {
         Bucket {
             gcra: Gcra::default(),
             burst: spec.burst,
-            adaptive: Adaptive::new(spec.rate.per_second, spec.min_rate.per_second),
+            adaptive: Adaptive::new(
+                spec.rate.per_second * guard,
+                spec.min_rate.per_second * guard,
+            ),
             paused_until: 0,
             queue: BTreeMap::new(),
             firsts: BTreeMap::new(),
@@ -236,6 +239,8 @@ struct State {
     wake_at: Option<Nanos>,
     scheduler_started: bool,
     last_sweep: Nanos,
+    /// Pacing runs this fraction of the configured rates: see [`Pacer::with_guard`].
+    guard: f64,
 }
 
 /// The shared pacer. Cheap to clone.
@@ -250,6 +255,9 @@ impl std::fmt::Debug for Pacer {
         f.write_str("Pacer")
     }
 }
+
+/// How late a release may be and still count as on time (timer granularity is 1 ms).
+const LATE_SLACK: Nanos = 2_000_000;
 
 /// How often idle keyed buckets are looked for and dropped.
 const SWEEP_EVERY: Nanos = 10_000_000_000;
@@ -274,9 +282,18 @@ impl Pacer {
                 wake_at: None,
                 scheduler_started: false,
                 last_sweep: 0,
+                guard: 1.0,
             })),
             notify: Arc::new(Notify::new()),
         }
+    }
+
+    /// Paces every budget at `guard` × its rate (e.g. 0.997): a guard band so that jitter on
+    /// the way to the upstream cannot push the (N+1)-th request into an upstream window that
+    /// allows N. Rates shown to people stay the configured ones.
+    pub fn with_guard(self, guard: f64) -> Pacer {
+        self.lock().guard = guard.clamp(0.5, 1.0);
+        self
     }
 
     // A std mutex: every critical section is short and never awaits, and the lock is taken
@@ -309,7 +326,8 @@ impl Pacer {
             if !st.buckets.contains_key(b) {
                 let spec = st.specs.get(&b.budget).cloned();
                 let Some(spec) = spec else { continue };
-                st.buckets.insert(b.clone(), Bucket::new(&spec));
+                let guard = st.guard;
+                st.buckets.insert(b.clone(), Bucket::new(&spec, guard));
             }
         }
         demand.buckets.retain(|b| st.buckets.contains_key(b));
@@ -433,6 +451,25 @@ impl Pacer {
         lowered
     }
 
+    /// Reports when a granted request actually left. A request that left later than its grant
+    /// (a loaded process, a slow connect) moves its buckets' schedule as if it had been granted
+    /// then, so the spacing holds on the wire and not only in the scheduler: an upstream window
+    /// opened by a late request must not see the request N slots later arrive inside it.
+    pub fn sent(&self, buckets: &[BucketKey], granted_at: Instant, sent_at: Instant) {
+        let late = sent_at.saturating_duration_since(granted_at);
+        if late.as_nanos() as Nanos <= LATE_SLACK {
+            return;
+        }
+        let mut st = self.lock();
+        let sent = st.nanos(sent_at);
+        for key in buckets {
+            if let Some(b) = st.buckets.get_mut(key) {
+                let limit = b.limit(sent);
+                b.gcra.tat = b.gcra.tat.max(sent + limit.interval);
+            }
+        }
+    }
+
     /// New budget definitions (reload). Buckets of unchanged budgets keep their state; changed
     /// ones keep their place in time and take the new rate at once; waiters of removed budgets
     /// are still served by their old buckets.
@@ -446,14 +483,17 @@ impl Pacer {
         st.max_depth = max_depth;
         st.aging = aging.as_nanos() as Nanos;
         let specs = st.specs.clone();
+        let guard = st.guard;
         for (key, b) in st.buckets.iter_mut() {
             match specs.get(&key.budget) {
                 Some(spec) => {
                     b.orphan = false;
                     let old = b.limit(now);
                     b.burst = spec.burst;
-                    b.adaptive
-                        .reconfigure(spec.rate.per_second, spec.min_rate.per_second);
+                    b.adaptive.reconfigure(
+                        spec.rate.per_second * guard,
+                        spec.min_rate.per_second * guard,
+                    );
                     let new = b.limit(now);
                     // The time still owed at the old rate is owed at the new one instead, so
                     // a slower rate cannot keep those waiting for long after a faster one came.
@@ -499,7 +539,7 @@ impl Pacer {
             };
             v.keys += 1;
             v.waiting += b.queue.len();
-            v.rate_in_force = v.rate_in_force.min(b.adaptive.rate(now));
+            v.rate_in_force = v.rate_in_force.min(b.adaptive.rate(now) / st.guard);
             let paused = Duration::from_nanos(b.paused_until.saturating_sub(now));
             v.paused_for = v.paused_for.max(paused);
         }
@@ -679,12 +719,27 @@ impl State {
                 return wake;
             };
             let w = self.remove(id).expect("candidate is waiting");
+            // The slot is taken at the time it became free (when the waiter was already
+            // there), not at the time the scheduler woke up: timer lateness must not drift the
+            // schedule (1 ms late per slot is 10 % at 100/s). Lateness beyond LATE_SLACK (a
+            // stalled process) is not caught up, so no burst follows a stall.
+            let arrived = self.nanos(w.arrived);
+            let ready = w
+                .buckets
+                .iter()
+                .map(|k| self.buckets[k].ready_at(now))
+                .max()
+                .unwrap_or(now);
+            let taken_at = ready
+                .max(arrived)
+                .max(now.saturating_sub(LATE_SLACK))
+                .min(now);
             for key in &w.buckets {
                 let b = self.buckets.get_mut(key).expect("bucket of a waiter");
                 let limit = b.limit(now);
-                b.gcra.take(now, &limit);
+                b.gcra.take(taken_at, &limit);
             }
-            let at = self.epoch + Duration::from_nanos(now);
+            let at = self.epoch + Duration::from_nanos(taken_at);
             let grant = Grant {
                 pacer: Some(pacer.clone()),
                 buckets: w.buckets,
@@ -1073,6 +1128,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_request_that_left_late_moves_the_schedule_with_it() {
+        let p = Pacer::new(
+            &[spec("g", 10.0, 1, Per::Global)],
+            1000,
+            Duration::from_secs(10),
+        );
+        let t0 = Instant::now();
+        let d = demand(&p, &[("g", None)], Priority::Normal);
+        let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
+        // granted at 0, but it only left at 250 ms
+        p.sent(&g.buckets, g.at, t0 + Duration::from_millis(250));
+        g.commit();
+        let next = p.admit(d).unwrap().granted().await.unwrap();
+        assert_eq!(
+            (next.at - t0).as_millis(),
+            350,
+            "one interval after it really left"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_retry_goes_to_the_head_of_the_queue() {
         let p = Pacer::new(
             &[spec("g", 10.0, 1, Per::Global)],
@@ -1129,8 +1205,8 @@ mod tests {
         while let Some((_, t)) = rx.recv().await {
             at.push(t.as_millis());
         }
-        // the 990 ms still owed at 1/s became 9.9 ms at 100/s; then 10 ms apart
-        assert_eq!(at, vec![20, 30, 40, 50, 60]);
+        // the 990 ms still owed at 1/s became 9.9 ms at 100/s (released at 19.9 ms); then 10 ms apart
+        assert_eq!(at, vec![19, 29, 39, 49, 59]);
     }
 
     #[tokio::test(start_paused = true)]

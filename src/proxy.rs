@@ -57,6 +57,8 @@ pub struct Ctx {
     attempts: u32,
     attempt_started: Option<Instant>,
     sent_at: Option<tokio::time::Instant>,
+    /// When this attempt's slots were granted (paced routes).
+    granted_at: Option<tokio::time::Instant>,
     upstream_time: Duration,
     /// Set when the last attempt is to be retried: how long to wait first and whether the
     /// budgets' pause already covers that wait.
@@ -363,6 +365,7 @@ impl ProxyHttp for Proxy {
             attempts: 0,
             attempt_started: None,
             sent_at: None,
+            granted_at: None,
             upstream_time: Duration::ZERO,
             pending_retry: None,
             reason: None,
@@ -564,6 +567,7 @@ impl ProxyHttp for Proxy {
                             .observe(secs_f64(grant.waited));
                     }
                     ctx.sent_at = Some(grant.at);
+                    ctx.granted_at = Some(grant.at);
                     grant.commit();
                 }
             }
@@ -621,6 +625,25 @@ impl ProxyHttp for Proxy {
         // Below common upstream keep-alive timeouts, so a pooled connection is not stale.
         opts.idle_timeout = Some(Duration::from_secs(50));
         Ok(Box::new(peer))
+    }
+
+    /// The request leaves now (default: nothing): tell the pacer when, so a late departure
+    /// moves the schedule instead of squeezing the next requests closer.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let now = tokio::time::Instant::now();
+        if let Some(granted) = ctx.granted_at.take() {
+            self.shared.pacer.sent(&ctx.buckets, granted, now);
+        }
+        ctx.sent_at = Some(now);
+        Ok(())
     }
 
     /// Path rewrite, Host, and connection-level headers (default: forward as received).

@@ -65,7 +65,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub fn decide(s: &RetrySettings, a: &Attempt) -> Verdict {
     let (reason, retry_after) = match a.outcome {
         Outcome::Status(429, ra) => ("429", ra),
-        Outcome::Status(st @ (502 | 503 | 504), ra) => {
+        Outcome::Status(st @ 502..=504, ra) => {
             let allowed = match s.on_5xx {
                 On5xx::Always => true,
                 On5xx::Idempotent => a.idempotent,

@@ -1,0 +1,178 @@
+//! Genesys's answer formats: the JSON error body and the fixed data the emulator serves.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// The error body every Genesys API answers with; `contextId` equals `ININ-Correlation-Id`.
+/// Field order is Genesys's, so the bytes match a real answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody<'a> {
+    message: &'a str,
+    code: &'a str,
+    status: u16,
+    context_id: &'a str,
+    details: [(); 0],
+    errors: [(); 0],
+}
+
+pub(crate) fn error_body(status: u16, code: &str, message: &str, context_id: &str) -> Bytes {
+    let body = ErrorBody {
+        message,
+        code,
+        status,
+        context_id,
+        details: [],
+        errors: [],
+    };
+    Bytes::from(serde_json::to_vec(&body).expect("plain strings serialize"))
+}
+
+/// The message of the 429 Genesys has sent since November 2021.
+pub(crate) fn rate_limit_message(retry_after: u64) -> String {
+    format!("Rate limit exceeded the maximum. Retry the request in [{retry_after}] seconds")
+}
+
+pub(crate) const CODE_TOO_MANY_REQUESTS: &str = "too.many.requests.retry.after";
+pub(crate) const CODE_BAD_CREDENTIALS: &str = "bad.credentials";
+pub(crate) const CODE_BAD_REQUEST: &str = "bad.request";
+pub(crate) const CODE_NOT_FOUND: &str = "not.found";
+pub(crate) const CODE_TOO_LARGE: &str = "request.entity.too.large";
+
+pub(crate) const MSG_BAD_CREDENTIALS: &str = "Invalid login credentials.";
+pub(crate) const MSG_NOT_FOUND: &str = "The requested resource was not found.";
+
+/// The system presence definitions, with the ids seen in real org listings, so clients that
+/// hard-code the well-known ids (Available, Busy, ...) work against the emulator too.
+pub(crate) const PRESENCE_DEFINITIONS: [(&str, &str); 9] = [
+    ("6a3af858-942f-489d-9700-5f9bcdcdae9b", "Available"),
+    ("5e5c5c66-ea97-4e7f-ac41-6424784829f2", "Away"),
+    ("31fe3bac-dea6-44b7-bed7-47f91660a1a0", "Busy"),
+    ("227b37e2-f1d0-4dd0-8f50-badd7cf6d158", "Break"),
+    ("3fd96123-badb-4f69-bc03-1b1ccc6d8014", "Meal"),
+    ("bbdff279-7ae1-48ea-bade-7831d7234c64", "Meeting"),
+    ("d2390a99-8546-bad9-8f0a-219548e8aeb0", "Training"),
+    ("e08eaf1b-ee47-4fa9-a231-1200e284798f", "On Queue"),
+    ("ccf3c10a-aa2c-4845-8e8d-f59fa48c58e5", "Offline"),
+];
+
+pub(crate) const OFFLINE_ID: &str = "ccf3c10a-aa2c-4845-8e8d-f59fa48c58e5";
+
+pub(crate) fn system_presence(id: &str) -> Option<&'static str> {
+    PRESENCE_DEFINITIONS
+        .iter()
+        .find(|(known, _)| *known == id)
+        .map(|(_, name)| *name)
+}
+
+/// `GET /api/v2/presence/definitions`: one page with every system definition.
+pub(crate) fn definitions_listing() -> Value {
+    let entities: Vec<Value> = PRESENCE_DEFINITIONS
+        .iter()
+        .map(|(id, name)| {
+            json!({
+                "id": id,
+                "type": "System",
+                "languageLabels": { "en_US": name },
+                "systemPresence": name,
+                "deactivated": false,
+                "selfUri": format!("/api/v2/presence/definitions/{id}"),
+            })
+        })
+        .collect();
+    json!({
+        "entities": entities,
+        "pageSize": 25,
+        "pageNumber": 1,
+        "total": PRESENCE_DEFINITIONS.len(),
+        "pageCount": 1,
+    })
+}
+
+/// `GET /api/v2/organizations/limits/namespaces`: a page of namespaces, the API one carrying
+/// the values this emulator enforces.
+pub(crate) fn limits_namespaces(token_rate_per_minute: u32, max_body_bytes: usize) -> Value {
+    json!({
+        "entities": [
+            {
+                "name": "platform.api",
+                "limits": [
+                    { "key": "token.rate.per.minute", "value": token_rate_per_minute },
+                    { "key": "client.credentials.token.rate.per.minute", "value": token_rate_per_minute },
+                    { "key": "org.user.rate.per.minute", "value": 3000 },
+                    { "key": "request.bytes.max", "value": max_body_bytes },
+                ],
+            },
+            { "name": "authorization" },
+            { "name": "presence" },
+            { "name": "routing" },
+        ],
+        "pageSize": 25,
+        "pageNumber": 1,
+        "total": 4,
+        "pageCount": 1,
+    })
+}
+
+/// The routing statuses Genesys knows.
+pub(crate) const ROUTING_STATUSES: [&str; 5] = [
+    "OFF_QUEUE",
+    "IDLE",
+    "INTERACTING",
+    "NOT_RESPONDING",
+    "COMMUNICATING",
+];
+
+/// Genesys spells the built-in presence source `PURECLOUD`; paths use `purecloud`.
+pub(crate) fn presence_source(source_id: &str) -> String {
+    if source_id.eq_ignore_ascii_case("purecloud") {
+        "PURECLOUD".to_string()
+    } else {
+        source_id.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_body_has_genesys_field_order_and_empty_lists() {
+        let body = error_body(429, CODE_TOO_MANY_REQUESTS, &rate_limit_message(42), "c-1");
+        assert_eq!(
+            &body[..],
+            br#"{"message":"Rate limit exceeded the maximum. Retry the request in [42] seconds","code":"too.many.requests.retry.after","status":429,"contextId":"c-1","details":[],"errors":[]}"#
+        );
+    }
+
+    #[test]
+    fn definitions_cover_the_system_presences_with_unique_ids() {
+        let listing = definitions_listing();
+        let names: Vec<&str> = listing["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["systemPresence"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Available",
+                "Away",
+                "Busy",
+                "Break",
+                "Meal",
+                "Meeting",
+                "Training",
+                "On Queue",
+                "Offline"
+            ]
+        );
+        let mut ids: Vec<&str> = PRESENCE_DEFINITIONS.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), PRESENCE_DEFINITIONS.len());
+        assert_eq!(system_presence(OFFLINE_ID), Some("Offline"));
+    }
+}

@@ -1,0 +1,634 @@
+//! The core, end to end: the real binary on loopback ports in front of the emulator. Bursts are
+//! smoothed into the budget, admission answers at once, clients that leave free their slots,
+//! bodies arrive byte-exact, and nothing can be sent to a host that is not configured.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+use shiftgate::loadtest::{self, Endpoint, LoadSpec};
+
+const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
+
+fn presence_config(budget: &str, max_wait: &str) -> String {
+    format!(
+        r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: {{ url: "http://@EMU@" }}
+  login: {{ url: "http://@EMU@" }}
+budgets:
+  presence: {{ rate: "{budget}" }}
+routes:
+  - name: sdk-gateway-login
+    match: {{ path: "/login/**" }}
+    strip_prefix: "/login"
+    upstream: login
+  - name: oauth
+    match: {{ path: "/oauth/**" }}
+    upstream: login
+  - name: presence
+    match: {{ method: PATCH, path: "{PRESENCE_PATH}" }}
+    upstream: api
+    budgets: [presence]
+    max_wait: "{max_wait}"
+  - name: default
+    match: {{ path: "/api/**" }}
+    upstream: api
+queue:
+  max_depth: 3000
+retry:
+  backoff_base: "100ms"
+"#
+    )
+}
+
+fn spec(target: String, agents: usize, loops: usize, tokens: usize) -> LoadSpec {
+    LoadSpec {
+        target,
+        agents,
+        loops,
+        tokens,
+        ramp: Duration::ZERO,
+        endpoint: Endpoint::PresencePatch,
+        timeout: Duration::from_secs(90),
+        ..LoadSpec::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shift_change_burst_is_smoothed_into_the_budget_without_client_429s() {
+    // The emulator limits presence PATCHes to 100/s (1 s windows), like a route limit; the
+    // proxy's presence budget is the same 100/s. 500 agents send 4 updates each, all at once,
+    // each on its own connection.
+    let emu = emulator(
+        r#"
+token_rate_per_minute: 0
+latency: { min: "20ms", max: "40ms" }
+route_limits:
+  - { name: presence, method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}", limit: "100/s" }
+"#,
+    )
+    .await;
+    let proxy = ProxyProcess::start(&presence_config("100/s", "60s"), emu.local_addr()).await;
+    // A proxy in service has warm upstream connections. A cold one opens its first few while
+    // the burst starts, and a window-opening request that is late by a TCP handshake lets the
+    // 101st request of a 1 s window arrive inside it. Warm a few (outside the limited route).
+    warm_up(&proxy, 8).await;
+    emu.reset_stats();
+
+    let result = loadtest::run(spec(proxy.url(), 500, 4, 500), None)
+        .await
+        .unwrap();
+    let summary = result.summary();
+    let stats = emu.stats();
+    let ideal = 2000.0 / 100.0;
+    let ratio = summary.completion_time.as_secs_f64() / ideal;
+    let upstream_429 = stats.status_count(429);
+    let wait = summary.wait.as_ref().unwrap();
+    println!(
+        "FIGURES burst: completion {:.2}s ideal {ideal}s ratio {ratio:.3}; client answers {:?}; upstream 429s {upstream_429}; wait p50 {:?} p99 {:?}",
+        summary.completion_time.as_secs_f64(),
+        summary.by_status,
+        wait.p50,
+        wait.p99
+    );
+    assert_eq!(
+        summary.by_status.get(&200),
+        Some(&2000),
+        "every client answer is 200: {:?}",
+        summary.by_status
+    );
+    assert_eq!(summary.transport_errors, 0);
+    assert!(upstream_429 <= 20, "upstream 429s {upstream_429} > 1 %");
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "completion {ratio:.3} × ideal"
+    );
+    // The emulator saw at most the budget in any second (plus the one allowed burst slot).
+    for s in &stats.timeline {
+        assert!(
+            s.requests <= 101 + s.status_429,
+            "second {}: {} requests",
+            s.second,
+            s.requests
+        );
+    }
+}
+
+/// Opens `n` upstream connections through the proxy (concurrent GETs on an unlimited route).
+async fn warm_up(proxy: &ProxyProcess, n: usize) {
+    let mut h = Vec::new();
+    for _ in 0..n {
+        let addr = proxy.addr;
+        h.push(tokio::spawn(async move {
+            get_with_token(addr, "/api/v2/presence/definitions").await
+        }));
+    }
+    for x in h {
+        assert_eq!(x.await.unwrap(), 200);
+    }
+}
+
+async fn get_with_token(addr: std::net::SocketAddr, path: &str) -> u16 {
+    request(
+        addr,
+        Method::GET,
+        path,
+        &[("Authorization", "Bearer warm-up")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap()
+    .status
+    .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_token_budgets_keep_each_token_to_its_rate_while_tokens_proceed_in_parallel() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let cfg = r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: { url: "http://@EMU@" }
+budgets:
+  per-token: { rate: "10/s", per: token }
+routes:
+  - name: default
+    match: { path: "/**" }
+    budgets: [per-token]
+"#;
+    let proxy = ProxyProcess::start(cfg, emu.local_addr()).await;
+    // 3 tokens, 40 requests each: alone, each token needs ~3.9 s at 10/s; one after another
+    // they would need ~12 s.
+    let started = Instant::now();
+    let result = loadtest::run(spec(proxy.url(), 30, 4, 3), None)
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let summary = result.summary();
+    assert_eq!(summary.by_status.get(&200), Some(&120));
+    assert!(
+        elapsed < Duration::from_secs(7),
+        "tokens ran in parallel: {elapsed:?}"
+    );
+    assert!(
+        elapsed > Duration::from_millis(3500),
+        "each token was paced: {elapsed:?}"
+    );
+    // Per token, the times the requests left the proxy (arrival + wait) are >= 100 ms apart.
+    let mut by_token: HashMap<usize, Vec<Duration>> = HashMap::new();
+    for r in &result.records {
+        let sent = r.start + Duration::from_millis(r.wait_ms.unwrap());
+        by_token.entry(r.agent % 3).or_default().push(sent);
+    }
+    for (token, mut sent) in by_token {
+        sent.sort();
+        assert_eq!(sent.len(), 40);
+        // 40 slots at 10/s span at least 3.9 s (1 ms of rounding per header allowed)
+        let span = *sent.last().unwrap() - sent[0];
+        assert!(
+            span >= Duration::from_millis(3850),
+            "token {token}: 40 requests in {span:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_start_within_max_wait_is_answered_at_once_with_retry_after() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&presence_config("1/s", "2s"), emu.local_addr()).await;
+    let path = "/api/v2/users/u1/presences/purecloud";
+    let body =
+        r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let addr = proxy.addr;
+        handles.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let a = request(
+                addr,
+                Method::PATCH,
+                path,
+                &[
+                    ("Authorization", "Bearer t"),
+                    ("Content-Type", "application/json"),
+                ],
+                body,
+            )
+            .await
+            .unwrap();
+            (a, t.elapsed())
+        }));
+        // arrive in a known order
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ok = 0;
+    let mut rejected = 0;
+    for h in handles {
+        let (a, took) = h.await.unwrap();
+        if a.status == 200 {
+            ok += 1;
+        } else {
+            rejected += 1;
+            assert_own_answer(&a, 429, "shiftgate.queue.wait");
+            // decided on arrival, not after waiting
+            assert!(took < Duration::from_millis(500), "rejected after {took:?}");
+            let ra: u64 = header(&a, "Retry-After")
+                .expect("Retry-After")
+                .parse()
+                .unwrap();
+            // the next free slot is ~3 s away
+            assert!((2..=4).contains(&ra), "Retry-After {ra}");
+            assert!(header(&a, "X-Shiftgate-Wait-Ms").is_some());
+        }
+    }
+    // slots at 0, 1, 2 s fit within 2 s of waiting; the rest are refused
+    assert_eq!((ok, rejected), (3, 5));
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_rejections_total{reason="queue_wait",route="presence"}"#)
+            .await,
+        5.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_depth_requests_are_refused_with_queue_full() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let cfg = presence_config("1/s", "60s").replace("max_depth: 3000", "max_depth: 2");
+    let proxy = ProxyProcess::start(&cfg, emu.local_addr()).await;
+    let path = "/api/v2/users/u1/presences/purecloud";
+    let mut handles = Vec::new();
+    for _ in 0..5 {
+        let addr = proxy.addr;
+        handles.push(tokio::spawn(async move {
+            request(
+                addr,
+                Method::PATCH,
+                path,
+                &[("Authorization", "Bearer t")],
+                r#"{"primary":true}"#,
+            )
+            .await
+            .unwrap()
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut statuses = Vec::new();
+    for h in handles {
+        let a = h.await.unwrap();
+        if a.status == 429 {
+            assert_own_answer(&a, 429, "shiftgate.queue.full");
+            assert!(header(&a, "Retry-After").unwrap().parse::<u64>().unwrap() >= 1);
+        }
+        statuses.push(a.status);
+    }
+    // one sent at once, two waiting, two refused
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_waiting_is_not_sent_and_frees_its_slot() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&presence_config("2/s", "60s"), emu.local_addr()).await;
+    let path = "/api/v2/users/u1/presences/purecloud";
+    let body = r#"{"primary":true}"#;
+    // A takes the slot at 0; the next is at 0.5 s.
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        path,
+        &[("Authorization", "Bearer t")],
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    // Five clients queue for 0.5, 1.0, ... 2.5 s, then hang up after 150 ms.
+    let raw_req = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut leavers = Vec::new();
+    for _ in 0..5 {
+        let addr = proxy.addr;
+        let req = raw_req.clone();
+        leavers.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(s);
+        }));
+    }
+    for l in leavers {
+        l.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // B arrives ~0.35 s after A: it gets the 0.5 s slot, not the 3 s one.
+    let b = request(
+        proxy.addr,
+        Method::PATCH,
+        path,
+        &[("Authorization", "Bearer t")],
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.status, 200);
+    let wait: u64 = header(&b, "X-Shiftgate-Wait-Ms").unwrap().parse().unwrap();
+    assert!(
+        wait < 500,
+        "B waited {wait} ms behind clients that had left"
+    );
+    // Only A and B reached the emulator.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(emu.stats().count("presence_patch", 200), 2);
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_client_disconnects_total{route="presence"}"#)
+            .await,
+        5.0
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_queue_depth{route="presence"}"#)
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_arrive_byte_exact_small_large_and_chunked() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
+    let auth = [
+        ("Authorization", "Bearer t"),
+        ("Content-Type", "application/json"),
+    ];
+    // Small, with non-ASCII text.
+    let small = r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true,"message":"Pause café ☕ — back at 10:15"}"#;
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &auth,
+        small,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        header(&a, "X-Emulator-Body-Sha256"),
+        Some(sha256_hex(small.as_bytes()).as_str())
+    );
+    // Larger than the 64 KiB replay buffer: a bulk update of 50 users with long messages.
+    let entries: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"id":"user-{i}","sourceId":"purecloud","primary":true,"presenceDefinition":{{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"}},"message":"{}"}}"#, "x".repeat(3000 + i)))
+        .collect();
+    let big = format!("[{}]", entries.join(","));
+    assert!(big.len() > 64 * 1024);
+    let a = request(
+        proxy.addr,
+        Method::PUT,
+        "/api/v2/users/presences/bulk",
+        &auth,
+        Bytes::from(big.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        header(&a, "X-Emulator-Body-Sha256"),
+        Some(sha256_hex(big.as_bytes()).as_str())
+    );
+    // Chunked transfer encoding.
+    let parts = [
+        "{\"presenceDefinition\":",
+        "{\"id\":\"6a3af858-942f-489d-9700-5f9bcdcdae9b\"}",
+        ",\"primary\":true}",
+    ];
+    let mut chunked = String::new();
+    for p in parts {
+        chunked.push_str(&format!("{:x}\r\n{p}\r\n", p.len()));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let raw_answer = raw(
+        proxy.addr,
+        format!("PATCH /api/v2/users/u2/presences/purecloud HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunked}").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw_answer.starts_with("HTTP/1.1 200"), "{raw_answer}");
+    let whole: String = parts.concat();
+    assert!(
+        raw_answer.to_ascii_lowercase().contains(&format!(
+            "x-emulator-body-sha256: {}",
+            sha256_hex(whole.as_bytes())
+        )),
+        "{raw_answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configured_upstream() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
+    // A listener standing for "another host": nothing may ever connect to it.
+    let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let foreign_addr = foreign.local_addr().unwrap();
+    let touched = tokio::spawn(async move { foreign.accept().await.is_ok() });
+
+    let absolute = format!(
+        "GET http://{foreign_addr}/api/v2/presence/definitions HTTP/1.1\r\nHost: {foreign_addr}\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw(proxy.addr, absolute.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The emulator got it, with its own Host.
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("x-emulator-host: {}", emu.local_addr())),
+        "{answer}"
+    );
+    let foreign_host = request(
+        proxy.addr,
+        Method::GET,
+        "/api/v2/presence/definitions",
+        &[
+            ("Host", &foreign_addr.to_string()),
+            ("Authorization", "Bearer t"),
+        ],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(foreign_host.status, 200);
+    assert_eq!(
+        header(&foreign_host, "X-Emulator-Host"),
+        Some(emu.local_addr().to_string().as_str())
+    );
+    let connect = raw(
+        proxy.addr,
+        format!("CONNECT {foreign_addr} HTTP/1.1\r\nHost: {foreign_addr}\r\n\r\n").as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        !connect.starts_with("HTTP/1.1 200"),
+        "CONNECT must not tunnel: {connect}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!touched.is_finished(), "the foreign host was contacted");
+    touched.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_through_the_gateway_prefixes_gets_a_token_and_updates_presence() {
+    let emu = emulator("token_rate_per_minute: 0\nauth: { require_issued_tokens: true }\n").await;
+    let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
+    // What an official SDK sends with gateway settings (path_params_login "login").
+    let basic = "Basic Y2xpZW50LWlkOmNsaWVudC1zZWNyZXQ="; // client-id:client-secret
+    for token_path in ["/login/oauth/token", "/oauth/token"] {
+        let a = request(
+            proxy.addr,
+            Method::POST,
+            token_path,
+            &[
+                ("Authorization", basic),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            "grant_type=client_credentials",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            a.status,
+            200,
+            "{token_path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        let token = json(&a)["access_token"].as_str().unwrap().to_string();
+        let bearer = format!("Bearer {token}");
+        let p = request(
+            proxy.addr,
+            Method::PATCH,
+            "/api/v2/users/8f2b3c1e-0000-4000-8000-000000000001/presences/purecloud",
+            &[("Authorization", &bearer), ("Content-Type", "application/json")],
+            r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&p.body));
+        assert_eq!(header(&p, "X-Shiftgate-Attempts"), Some("1"));
+    }
+    assert_eq!(emu.stats().count("oauth_token", 200), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_answers_no_route_and_body_too_large_itself() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
+    let a = get(proxy.addr, "/nowhere").await.unwrap();
+    assert_own_answer(&a, 404, "shiftgate.no.route");
+    // Declared too large: refused before reading.
+    let big = vec![b'x'; 512_001];
+    let a = request(
+        proxy.addr,
+        Method::PUT,
+        "/api/v2/users/presences/bulk",
+        &[("Authorization", "Bearer t")],
+        Bytes::from(big),
+    )
+    .await
+    .unwrap();
+    assert_own_answer(&a, 413, "shiftgate.body.too.large");
+    // Streamed (chunked) past the limit.
+    let chunk = "y".repeat(100_000);
+    let mut body = String::new();
+    for _ in 0..6 {
+        body.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    body.push_str("0\r\n\r\n");
+    let answer = raw(
+        proxy.addr,
+        format!("PUT /api/v2/users/presences/bulk HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nTransfer-Encoding: chunked\r\n\r\n{body}").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    assert!(answer.contains("shiftgate.body.too.large"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_slow_upstream_gets_502_or_504_as_json() {
+    // Nothing listens on this port.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: { url: "http://@EMU@" }
+routes:
+  - name: default
+    match: { path: "/**" }
+retry:
+  max_attempts: 2
+  backoff_base: "50ms"
+limits:
+  upstream_timeout: "1s"
+"#;
+    let proxy = ProxyProcess::start(cfg, dead).await;
+    let a = get(proxy.addr, "/api/v2/presence/definitions")
+        .await
+        .unwrap();
+    assert_own_answer(&a, 502, "shiftgate.upstream.unreachable");
+    assert_eq!(
+        header(&a, "X-Shiftgate-Attempts"),
+        Some("2"),
+        "a failed connect is retried"
+    );
+    drop(proxy);
+
+    let emu = emulator(
+        "token_rate_per_minute: 0\nfaults:\n  - { kind: slow, delay: \"5s\", path: \"/api/v2/users/**\" }\n",
+    )
+    .await;
+    let proxy = ProxyProcess::start(
+        &cfg.replace("max_attempts: 2", "max_attempts: 1"),
+        emu.local_addr(),
+    )
+    .await;
+    let t = Instant::now();
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u/presences/purecloud",
+        &[("Authorization", "Bearer t")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_own_answer(&a, 504, "shiftgate.upstream.timeout");
+    assert!(t.elapsed() < Duration::from_secs(4));
+}
