@@ -85,31 +85,54 @@ impl Gcra {
     }
 }
 
-/// How the rate in force follows upstream 429s: multiplicative decrease (at most once per
-/// round of requests sent at the previous rate), additive recovery after a quiet period.
+/// How the rate in force follows upstream 429s.
+///
+/// A 429 lowers it once per round of requests (those sent before the decrease were paced at the
+/// old rate: counting each of their 429s would collapse the rate). When the 429 says how full the
+/// upstream's window was, the new rate is learned rather than guessed: see
+/// [`Adaptive::estimate`]. Otherwise it is multiplied by [`Adaptive::DECREASE`]. After
+/// [`Adaptive::QUIET`] without 429 it climbs back quickly to just under the lowest rate that
+/// met a 429 (the ceiling), holds there while the ceiling is remembered, then creeps back to
+/// the configured rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adaptive {
     pub configured: f64,
     pub floor: f64,
     /// Rate set by the last decrease.
     lowered: f64,
+    /// The lowest rate known to meet 429s (while remembered).
+    ceiling: f64,
     /// When the last decrease happened; `None`: never, the rate is the configured one.
     last_decrease: Option<Nanos>,
 }
 
 impl Adaptive {
-    /// Factor applied to the rate in force on a 429.
-    pub const DECREASE: f64 = 0.85;
+    /// Factor applied to the rate in force on a 429 that tells nothing more.
+    pub const DECREASE: f64 = 0.7;
+    /// An estimate below this fraction of the rate in force is not believed.
+    pub const MIN_ESTIMATE: f64 = 0.4;
+    /// A learned limit is used with this margin.
+    pub const LEARNED_MARGIN: f64 = 0.97;
+    /// Recovery stops this far under the ceiling.
+    pub const UNDER_CEILING: f64 = 0.95;
     /// No recovery until this long after the last decrease.
     pub const QUIET: Nanos = 2_000_000_000;
-    /// Recovery speed: this fraction of the configured rate per second.
-    pub const STEP_PER_SEC: f64 = 0.02;
+    /// Fast recovery (up to the ceiling): this fraction of the configured rate per second.
+    pub const FAST_STEP: f64 = 0.10;
+    /// How long the ceiling is remembered after the last 429.
+    pub const MEMORY: Nanos = 60_000_000_000;
+    /// Slow recovery (past the ceiling, once forgotten): fraction of the configured rate per s.
+    pub const SLOW_STEP: f64 = 0.01;
+    /// Window lengths that upstream limits are counted in (Genesys: per minute; per second and
+    /// per hour limits exist too).
+    pub const WINDOWS: [f64; 3] = [1.0, 60.0, 3600.0];
 
     pub fn new(configured: f64, floor: f64) -> Adaptive {
         Adaptive {
             configured,
             floor: floor.min(configured),
             lowered: configured,
+            ceiling: configured,
             last_decrease: None,
         }
     }
@@ -119,40 +142,108 @@ impl Adaptive {
     /// ```
     /// use shiftgate::budget::Adaptive;
     /// let mut a = Adaptive::new(100.0, 10.0);
-    /// a.throttled(0, 0);
-    /// assert_eq!(a.rate(1_000_000_000), 85.0);               // lowered, still quiet
-    /// assert_eq!(a.rate(3_000_000_000), 87.0);               // 1 s into recovery: +2/s
-    /// assert_eq!(a.rate(60_000_000_000), 100.0);             // back to the configured rate
+    /// a.throttled(0, 0, None);                                // nothing learned: × 0.7
+    /// assert_eq!(a.rate(1_000_000_000), 70.0);               // lowered, still quiet
+    /// assert_eq!(a.rate(3_000_000_000), 80.0);               // 1 s into recovery: +10/s
+    /// assert_eq!(a.rate(10_000_000_000), 95.0);              // held under the ceiling (100)
+    /// assert_eq!(a.rate(600_000_000_000), 100.0);            // ceiling forgotten: configured
     /// ```
     pub fn rate(&self, now: Nanos) -> f64 {
         let Some(at) = self.last_decrease else {
             return self.configured;
         };
-        let recovering = now.saturating_sub(at + Self::QUIET) as f64 / NANOS_PER_SEC;
-        (self.lowered + self.configured * Self::STEP_PER_SEC * recovering).min(self.configured)
+        let since = now.saturating_sub(at);
+        if since < Self::QUIET {
+            return self.lowered;
+        }
+        let cap = (self.ceiling * Self::UNDER_CEILING)
+            .max(self.lowered)
+            .min(self.configured);
+        let fast = (since - Self::QUIET) as f64 / NANOS_PER_SEC;
+        let rate = (self.lowered + self.configured * Self::FAST_STEP * fast).min(cap);
+        if since < Self::MEMORY {
+            return rate;
+        }
+        let slow = (since - Self::MEMORY) as f64 / NANOS_PER_SEC;
+        (rate + self.configured * Self::SLOW_STEP * slow).min(self.configured)
     }
 
-    /// Records a 429 for a request sent at `sent_at`. Lowers the rate unless that request left
-    /// before the last decrease took effect (it was paced at the old rate, and counting every
-    /// in-flight 429 of one round would collapse the rate to the floor). Returns whether it did.
-    pub fn throttled(&mut self, now: Nanos, sent_at: Nanos) -> bool {
+    /// Records a 429 for a request sent at `sent_at`, with the upstream's sustainable rate if
+    /// it could be estimated. Returns whether the rate was lowered.
+    pub fn throttled(&mut self, now: Nanos, sent_at: Nanos, estimate: Option<f64>) -> bool {
         if self.last_decrease.is_some_and(|at| sent_at < at) {
             return false;
         }
-        self.lowered = (self.rate(now) * Self::DECREASE).max(self.floor);
+        let current = self.rate(now);
+        let remembered = self
+            .last_decrease
+            .is_some_and(|at| now.saturating_sub(at) < Self::MEMORY);
+        let ceiling = if remembered {
+            self.ceiling
+        } else {
+            self.configured
+        };
+        // An estimate far below the rate in force more likely comes from an outage than from a
+        // window: do not trust it.
+        let estimate = estimate.filter(|e| *e >= current * Self::MIN_ESTIMATE);
+        let (lowered, ceiling) = match estimate {
+            Some(limit) => (limit * Self::LEARNED_MARGIN, limit.min(ceiling)),
+            None => (current * Self::DECREASE, current.min(ceiling)),
+        };
+        self.lowered = lowered.min(current).max(self.floor);
+        self.ceiling = ceiling.max(self.floor);
         self.last_decrease = Some(now);
         true
+    }
+
+    /// The upstream's sustainable rate, from one 429: `sent` requests went through since the
+    /// window began at `window_start`, and the 429 at `at` said the window ends in
+    /// `retry_after` (whole seconds, rounded up). The window's length is then between
+    /// `at − window_start` and that plus `retry_after`; when exactly one of
+    /// [`Adaptive::WINDOWS`] fits, the limit is `sent / window`.
+    ///
+    /// ```
+    /// use shiftgate::budget::Adaptive;
+    /// const S: u64 = 1_000_000_000;
+    /// // 100 went through in the first 0.667 s of a window, Retry-After 1: a 1 s window of 100.
+    /// assert_eq!(Adaptive::estimate(0, 667_000_000, 100, 1), Some(100.0));
+    /// // 300 in 40 s, Retry-After 20: Genesys's 300 per minute.
+    /// assert_eq!(Adaptive::estimate(0, 40 * S, 300, 20), Some(5.0));
+    /// // Nothing known fits 5 s .. 7 s: no estimate.
+    /// assert_eq!(Adaptive::estimate(0, 5 * S, 50, 2), None);
+    /// ```
+    pub fn estimate(
+        window_start: Nanos,
+        at: Nanos,
+        sent: u64,
+        retry_after_secs: u64,
+    ) -> Option<f64> {
+        if sent == 0 || at <= window_start {
+            return None;
+        }
+        let elapsed = (at - window_start) as f64 / NANOS_PER_SEC;
+        let longest = elapsed + retry_after_secs.max(1) as f64;
+        let mut fits = Self::WINDOWS
+            .iter()
+            .filter(|w| **w >= elapsed && **w <= longest + 0.05);
+        let window = *fits.next()?;
+        if fits.next().is_some() {
+            return None;
+        }
+        Some(sent as f64 / window)
     }
 
     /// A new configured rate (reload). The learned reduction is kept as a fraction.
     pub fn reconfigure(&mut self, configured: f64, floor: f64) {
         if self.configured != configured {
-            let ratio = self.lowered / self.configured;
-            self.lowered = configured * ratio;
+            let ratio = configured / self.configured;
+            self.lowered *= ratio;
+            self.ceiling *= ratio;
         }
         self.configured = configured;
         self.floor = floor.min(configured);
         self.lowered = self.lowered.clamp(self.floor, self.configured);
+        self.ceiling = self.ceiling.clamp(self.floor, self.configured);
     }
 
     /// Whether the rate is back to the configured one for good.
@@ -213,22 +304,51 @@ mod tests {
     #[test]
     fn adaptive_decreases_once_per_round_and_never_below_the_floor() {
         let mut a = Adaptive::new(100.0, 50.0);
-        assert!(a.throttled(10 * MS, 5 * MS));
+        assert!(a.throttled(10 * MS, 5 * MS, None));
         // A request sent before that decrease: same round, ignored.
-        assert!(!a.throttled(12 * MS, 8 * MS));
-        assert_eq!(a.rate(12 * MS), 85.0);
+        assert!(!a.throttled(12 * MS, 8 * MS, None));
+        assert_eq!(a.rate(12 * MS), 70.0);
         for i in 0..20 {
-            a.throttled((20 + i) * MS, (20 + i) * MS);
+            a.throttled((20 + i) * MS, (20 + i) * MS, None);
         }
         assert_eq!(a.rate(40 * MS), 50.0);
     }
 
     #[test]
+    fn a_learned_limit_is_used_with_its_margin_and_held() {
+        let mut a = Adaptive::new(150.0, 15.0);
+        assert!(a.throttled(0, 0, Some(100.0)));
+        assert_eq!(a.rate(MS), 97.0);
+        // no climb back past the learned limit while it is remembered
+        assert_eq!(a.rate(30_000 * MS), 97.0);
+        // then slowly back towards the configured rate
+        assert!(a.rate(70_000 * MS) > 97.0);
+        assert_eq!(a.rate(200_000 * MS), 150.0);
+    }
+
+    #[test]
+    fn an_implausibly_low_estimate_is_not_believed() {
+        let mut a = Adaptive::new(100.0, 10.0);
+        a.throttled(0, 0, Some(20.0)); // 20 % of the rate: an outage, not a window
+        assert_eq!(a.rate(MS), 70.0);
+    }
+
+    #[test]
+    fn a_ceiling_is_lowered_by_each_429_that_reaches_it() {
+        let mut a = Adaptive::new(100.0, 10.0);
+        a.throttled(0, 0, None); // ceiling 100, rate 70
+        let plateau = a.rate(10_000 * MS);
+        assert_eq!(plateau, 95.0);
+        a.throttled(10_000 * MS, 10_000 * MS, None); // met a 429 at 95: ceiling 95
+        assert_eq!(a.rate(30_000 * MS), 95.0 * 0.95);
+    }
+
+    #[test]
     fn reconfigure_keeps_the_learned_fraction() {
         let mut a = Adaptive::new(100.0, 10.0);
-        a.throttled(0, 0);
+        a.throttled(0, 0, None);
         a.reconfigure(200.0, 20.0);
-        assert_eq!(a.rate(0), 170.0);
+        assert_eq!(a.rate(0), 140.0);
     }
 
     proptest! {

@@ -21,7 +21,7 @@
 //! scheduler task sleeps until the next time a bucket conforms, or until woken by an arrival,
 //! a cancellation, a throttle or a reload.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -178,7 +178,16 @@ struct Bucket {
     firsts: BTreeMap<OrderKey, u64>,
     /// Set when its budget left the config: it drains its queue and is then dropped.
     orphan: bool,
+    /// Grants since the upstream's window presumably began (after an idle gap or a pause):
+    /// what a 429 is measured against to learn the upstream's limit.
+    epoch: VecDeque<Nanos>,
+    epoch_start: Nanos,
 }
+
+/// A gap this long between two grants starts a new epoch.
+const EPOCH_IDLE: Nanos = 1_000_000_000;
+/// Grants remembered per epoch (a per-minute window at 100/s is 6000).
+const EPOCH_CAP: usize = 20_000;
 
 impl Bucket {
     fn new(spec: &BudgetSpec, guard: f64) -> Bucket {
@@ -193,7 +202,42 @@ impl Bucket {
             queue: BTreeMap::new(),
             firsts: BTreeMap::new(),
             orphan: false,
+            epoch: VecDeque::new(),
+            epoch_start: 0,
         }
+    }
+
+    /// Takes one slot at `at`.
+    fn take(&mut self, at: Nanos, now: Nanos) {
+        let limit = self.limit(now);
+        self.gcra.take(at, &limit);
+        let last = self.epoch.back().copied();
+        let fresh = match last {
+            None => true,
+            Some(last) => {
+                at.saturating_sub(last) >= EPOCH_IDLE
+                    || (self.paused_until > last && at >= self.paused_until)
+            }
+        };
+        if fresh {
+            self.epoch.clear();
+            self.epoch_start = at;
+        }
+        if self.epoch.len() == EPOCH_CAP {
+            self.epoch.pop_front();
+        }
+        self.epoch.push_back(at);
+    }
+
+    /// The upstream's limit as learned from a 429 of a request granted at `sent`.
+    fn estimate(&self, sent: Nanos, retry_after: Option<Duration>) -> Option<f64> {
+        let ra = retry_after?;
+        if sent < self.epoch_start || self.epoch.len() == EPOCH_CAP {
+            return None;
+        }
+        let before = self.epoch.partition_point(|&g| g < sent) as u64;
+        let ra_secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
+        Adaptive::estimate(self.epoch_start, sent, before, ra_secs)
     }
 
     fn limit(&self, now: Nanos) -> Limit {
@@ -417,25 +461,29 @@ impl Pacer {
         })
     }
 
-    /// Tells the budgets of a throttled request: pause them for `retry_after` and lower their
-    /// rate in force. `sent_at` is when that request left (its [`Grant::at`]). Returns the
-    /// budget names whose rate was lowered.
+    /// Tells the budgets of a throttled request: pause them for `pause` (the upstream's
+    /// `retry_after`, or a backoff when it gave none) and lower their rate in force, learning
+    /// the upstream's limit when the 429 allows it. `granted_at` is that request's
+    /// [`Grant::at`]. Returns the budget names whose rate was lowered.
     pub fn throttle(
         &self,
         buckets: &[BucketKey],
-        retry_after: Duration,
-        sent_at: Instant,
+        retry_after: Option<Duration>,
+        pause: Duration,
+        granted_at: Instant,
     ) -> Vec<String> {
         let mut st = self.lock();
         let now = st.nanos(Instant::now());
-        let sent = st.nanos(sent_at);
-        let until = now + retry_after.as_nanos() as Nanos;
+        let sent = st.nanos(granted_at);
+        let until = now + pause.as_nanos() as Nanos;
+        let guard = st.guard;
         let mut lowered = Vec::new();
         for key in buckets {
             let Some(b) = st.buckets.get_mut(key) else {
                 continue;
             };
-            if b.adaptive.throttled(now, sent) {
+            let estimate = b.estimate(sent, retry_after).map(|r| r * guard);
+            if b.adaptive.throttled(now, sent, estimate) {
                 lowered.push(key.budget.to_string());
             }
             if until > b.paused_until {
@@ -736,8 +784,7 @@ impl State {
                 .min(now);
             for key in &w.buckets {
                 let b = self.buckets.get_mut(key).expect("bucket of a waiter");
-                let limit = b.limit(now);
-                b.gcra.take(taken_at, &limit);
+                b.take(taken_at, now);
             }
             let at = self.epoch + Duration::from_nanos(taken_at);
             let grant = Grant {
@@ -1107,9 +1154,15 @@ mod tests {
         let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
         let buckets = g.buckets.clone();
         g.commit();
-        let lowered = p.throttle(&buckets, Duration::from_secs(2), t0);
+        let lowered = p.throttle(
+            &buckets,
+            Some(Duration::from_secs(2)),
+            Duration::from_secs(2),
+            t0,
+        );
         assert_eq!(lowered, vec!["g".to_string()]);
-        assert_eq!(p.view()[0].rate_in_force, 8.5);
+        // nothing could be learned from one request: × 0.7
+        assert_eq!(p.view()[0].rate_in_force, 7.0);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..3 {
             spawn_waiter(p.admit(d.clone()).unwrap(), i, t0, tx.clone());
@@ -1120,10 +1173,11 @@ mod tests {
             at.push(t.as_millis());
         }
         // nothing during the pause, no burst after it (burst is 5): the probe at 2 s, then
-        // about 1/8.5 s apart (the rate starts to recover 2 s after the decrease)
+        // about 1/7 s apart (the rate starts to recover 2 s after the decrease, and the
+        // burst tolerance shrinks with the interval, so a little more)
         assert_eq!(at[0], 2000);
         for w in at.windows(2) {
-            assert!((110..=125).contains(&(w[1] - w[0])), "{at:?}");
+            assert!((130..=160).contains(&(w[1] - w[0])), "{at:?}");
         }
     }
 

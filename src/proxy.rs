@@ -57,8 +57,10 @@ pub struct Ctx {
     attempts: u32,
     attempt_started: Option<Instant>,
     sent_at: Option<tokio::time::Instant>,
-    /// When this attempt's slots were granted (paced routes).
+    /// When this attempt's slots were granted (paced routes), until it is reported sent.
     granted_at: Option<tokio::time::Instant>,
+    /// When this attempt's slots were granted.
+    grant_time: Option<tokio::time::Instant>,
     upstream_time: Duration,
     /// Set when the last attempt is to be retried: how long to wait first and whether the
     /// budgets' pause already covers that wait.
@@ -266,8 +268,14 @@ impl Proxy {
     fn throttled(&self, ctx: &Ctx, retry_after: Option<Duration>) {
         let route = self.route_label(ctx);
         let pause = retry_after.unwrap_or(Duration::from_secs(1));
-        let sent_at = ctx.sent_at.unwrap_or_else(tokio::time::Instant::now);
-        let lowered = self.shared.pacer.throttle(&ctx.buckets, pause, sent_at);
+        let granted_at = ctx
+            .grant_time
+            .or(ctx.sent_at)
+            .unwrap_or_else(tokio::time::Instant::now);
+        let lowered = self
+            .shared
+            .pacer
+            .throttle(&ctx.buckets, retry_after, pause, granted_at);
         let mut names: Vec<&str> = ctx.buckets.iter().map(|b| &*b.budget).collect();
         names.dedup();
         for name in &names {
@@ -366,6 +374,7 @@ impl ProxyHttp for Proxy {
             attempt_started: None,
             sent_at: None,
             granted_at: None,
+            grant_time: None,
             upstream_time: Duration::ZERO,
             pending_retry: None,
             reason: None,
@@ -568,6 +577,7 @@ impl ProxyHttp for Proxy {
                     }
                     ctx.sent_at = Some(grant.at);
                     ctx.granted_at = Some(grant.at);
+                    ctx.grant_time = Some(grant.at);
                     grant.commit();
                 }
             }

@@ -30,6 +30,8 @@ pub struct Shared {
     pub resolver: Resolver,
     /// Set on SIGTERM: `/readyz` answers 503, new requests are refused.
     pub draining: AtomicBool,
+    /// Set on SIGTERM and SIGQUIT: this process stops serving soon; see [`Shared::keep_alive`].
+    pub stopping: AtomicBool,
     /// Requests between arrival and their logging phase.
     pub active: AtomicI64,
     pub started: Instant,
@@ -55,6 +57,7 @@ impl Shared {
             metrics,
             resolver: Resolver::default(),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             active: AtomicI64::new(0),
             started: Instant::now(),
             recent_throttles: Mutex::new(VecDeque::new()),
@@ -92,6 +95,17 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether a client may keep its connection for another request after this answer; the
+    /// proxy answers `Connection: close` when not. False once the process is stopping (SIGTERM
+    /// drain, SIGQUIT upgrade): when Pingora shuts down it drops idle keep-alive connections at
+    /// once, and a client whose next request is already on its way sees the connection close
+    /// under it: a transport error it cannot tell from a lost answer, so cannot safely retry.
+    /// Told to close, it opens a new connection instead, which during an upgrade the new
+    /// process accepts.
+    pub fn keep_alive(&self) -> bool {
+        !self.stopping.load(Ordering::Relaxed)
     }
 
     pub fn record_throttle(&self, event: ThrottleEvent) {

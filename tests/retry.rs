@@ -1,0 +1,329 @@
+//! Upstream 429s absorbed: retried transparently after Retry-After, the budget paused and its
+//! rate learned; and given up honestly (at once, with the upstream's own answer) when a retry
+//! cannot succeed in time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+use shiftgate::loadtest::{self, Endpoint, LoadSpec};
+
+fn config(budget: &str, extra: &str) -> String {
+    format!(
+        r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: {{ url: "http://@EMU@" }}
+budgets:
+  presence: {{ rate: "{budget}" }}
+routes:
+  - name: presence
+    match: {{ method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}" }}
+    budgets: [presence]
+    max_wait: "60s"
+  - name: bulk
+    match: {{ method: PUT, path: "/api/v2/users/presences/bulk" }}
+    budgets: [presence]
+    max_wait: "60s"
+  - name: routing
+    match: {{ path: "/api/v2/users/{{userId}}/routingstatus" }}
+  - name: default
+    match: {{ path: "/**" }}
+queue:
+  max_depth: 5000
+{extra}
+"#
+    )
+}
+
+const PRESENCE_LIMIT_100: &str = r#"
+token_rate_per_minute: 0
+latency: { min: "20ms", max: "40ms" }
+route_limits:
+  - { name: presence, method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}", limit: "100/s" }
+"#;
+
+fn presence_load(target: String, agents: usize, loops: usize) -> LoadSpec {
+    LoadSpec {
+        target,
+        agents,
+        loops,
+        tokens: agents,
+        ramp: Duration::ZERO,
+        endpoint: Endpoint::PresencePatch,
+        timeout: Duration::from_secs(120),
+        ..LoadSpec::default()
+    }
+}
+
+const BODY: &str =
+    r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_50_percent_too_high_learns_the_real_limit_and_clients_see_no_429() {
+    let emu = emulator(PRESENCE_LIMIT_100).await;
+    let proxy = ProxyProcess::start(&config("150/s", ""), emu.local_addr()).await;
+    let result = loadtest::run(presence_load(proxy.url(), 200, 10), None)
+        .await
+        .unwrap();
+    let summary = result.summary();
+    let stats = emu.stats();
+    let ideal = 2000.0 / 100.0;
+    let ratio = summary.completion_time.as_secs_f64() / ideal;
+    let learned = proxy
+        .metric(r#"shiftgate_budget_rate{budget="presence"}"#)
+        .await;
+    let upstream_429 = stats.status_count(429);
+    println!(
+        "FIGURES over-budget: completion {:.2}s ratio {ratio:.3}; client answers {:?}; upstream 429s {upstream_429}; learned rate {learned:.1}/s; retries {}",
+        summary.completion_time.as_secs_f64(),
+        summary.by_status,
+        proxy.metric(r#"shiftgate_retries_total{reason="429",route="presence"}"#).await,
+    );
+    assert_eq!(
+        summary.by_status.get(&200),
+        Some(&2000),
+        "{:?}",
+        summary.by_status
+    );
+    assert_eq!(summary.client_429s, 0);
+    assert!(
+        upstream_429 > 0,
+        "the budget was too high: the upstream must have throttled"
+    );
+    assert!(ratio <= 1.15, "completion {ratio:.3} × ideal");
+    // Every upstream 429 was charged to the budget and retried.
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_budget_throttles_total{budget="presence"}"#)
+            .await,
+        upstream_429 as f64
+    );
+    assert!(learned < 150.0, "the rate in force went down: {learned}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_outage_pauses_the_budget_instead_of_letting_every_waiter_probe() {
+    let emu =
+        emulator("token_rate_per_minute: 0\nlatency: { min: \"10ms\", max: \"20ms\" }\n").await;
+    let proxy = ProxyProcess::start(&config("50/s", ""), emu.local_addr()).await;
+    let target = proxy.url();
+    let load = tokio::spawn(loadtest::run(presence_load(target, 100, 6), None));
+    // 2 s into the run, a 3 s outage answering 429 with Retry-After: 3.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outage: shiftgate::emulator::Fault = serde_json::from_value(
+        serde_json::json!({"kind": "outage_429", "duration": "3s", "retry_after": 3}),
+    )
+    .unwrap();
+    let outage_started = emu.stats().elapsed_seconds;
+    emu.add_fault(outage);
+    let result = load.await.unwrap().unwrap();
+    let summary = result.summary();
+    let stats = emu.stats();
+    // Requests that reached the emulator while the outage lasted: the 429s it answered.
+    let during = stats.status_count(429);
+    println!(
+        "FIGURES outage: upstream requests during the 3 s outage {during}; client answers {:?}; outage began at emulator second {outage_started:.1}",
+        summary.by_status
+    );
+    assert_eq!(
+        summary.by_status.get(&200),
+        Some(&600),
+        "{:?}",
+        summary.by_status
+    );
+    assert_eq!(summary.client_429s, 0);
+    // One budget: the requests in flight when the outage began, plus a probe after each
+    // Retry-After; never one per waiting request (there were ~100 waiting).
+    assert!(during >= 1);
+    assert!(during <= 6, "{during} upstream requests during the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_retries_are_used_up_or_cannot_finish_in_time_the_upstream_429_passes_at_once() {
+    // A daily-limit 429 (Retry-After 3600 > 180): given up at once, the upstream's own answer.
+    let emu = emulator(
+        "token_rate_per_minute: 0\nfaults:\n  - { kind: daily_limit, retry_after: 3600, path: \"/api/v2/users/{userId}/presences/{sourceId}\" }\n",
+    )
+    .await;
+    let proxy = ProxyProcess::start(&config("100/s", ""), emu.local_addr()).await;
+    let t = Instant::now();
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &[("Authorization", "Bearer t")],
+        BODY,
+    )
+    .await
+    .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "no waiting for a hopeless retry"
+    );
+    assert_eq!(a.status, 429);
+    assert_eq!(header(&a, "Retry-After"), Some("3600"));
+    let v = json(&a);
+    assert_eq!(
+        v["code"], "too.many.requests.retry.after",
+        "the upstream's own body"
+    );
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("1"));
+    drop(proxy);
+    drop(emu);
+
+    // An outage longer than max_elapsed allows: the first 429 (Retry-After 5) would make the
+    // retry start after max_elapsed (3 s), so it is passed through at once.
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"30s\", retry_after: 5 }\n").await;
+    let proxy = ProxyProcess::start(
+        &config("100/s", "retry:\n  max_elapsed: \"3s\"\n"),
+        emu.local_addr(),
+    )
+    .await;
+    let t = Instant::now();
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &[("Authorization", "Bearer t")],
+        BODY,
+    )
+    .await
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert_eq!(a.status, 429);
+    assert_eq!(header(&a, "Retry-After"), Some("5"));
+    assert_eq!(json(&a)["code"], "too.many.requests.retry.after");
+    drop(proxy);
+    drop(emu);
+
+    // Attempts used up: 3 attempts, Retry-After 1 each, then the third 429 goes to the client.
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"60s\", retry_after: 1 }\n").await;
+    let proxy = ProxyProcess::start(
+        &config("100/s", "retry:\n  max_attempts: 3\n"),
+        emu.local_addr(),
+    )
+    .await;
+    let t = Instant::now();
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &[("Authorization", "Bearer t")],
+        BODY,
+    )
+    .await
+    .unwrap();
+    let took = t.elapsed();
+    assert_eq!(a.status, 429);
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("3"));
+    assert_eq!(header(&a, "Retry-After"), Some("1"));
+    assert_eq!(json(&a)["code"], "too.many.requests.retry.after");
+    // two waits of Retry-After 1 s, then the last 429 at once
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(emu.stats().status_count(429), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_resent_after_a_503() {
+    // The first attempt of every request meets a 429 with Retry-After 1; the retry succeeds.
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"1s\", retry_after: 1 }\n").await;
+    let proxy = ProxyProcess::start(&config("100/s", ""), emu.local_addr()).await;
+    let body = r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true,"message":"Réunion d'équipe — 10 min"}"#;
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &[
+            ("Authorization", "Bearer t"),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("2"));
+    assert_eq!(
+        header(&a, "X-Emulator-Body-Sha256"),
+        Some(sha256_hex(body.as_bytes()).as_str())
+    );
+    drop(proxy);
+    drop(emu);
+
+    // 503 on every request: a PATCH is not re-sent (default on_5xx: idempotent), a PUT is.
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: status, status: 503, path: \"/api/v2/users/**\" }\n").await;
+    let proxy = ProxyProcess::start(
+        &config(
+            "100/s",
+            "retry:\n  max_attempts: 3\n  backoff_base: \"50ms\"\n",
+        ),
+        emu.local_addr(),
+    )
+    .await;
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &[("Authorization", "Bearer t")],
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 503);
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("1"));
+    assert_eq!(
+        json(&a)["code"],
+        "service.unavailable",
+        "the upstream's own answer"
+    );
+    let put_body = r#"{"userId":"u1","status":"IDLE"}"#;
+    let a = request(
+        proxy.addr,
+        Method::PUT,
+        "/api/v2/users/u1/routingstatus",
+        &[("Authorization", "Bearer t")],
+        put_body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 503);
+    assert_eq!(
+        header(&a, "X-Shiftgate-Attempts"),
+        Some("3"),
+        "an idempotent PUT is retried"
+    );
+    assert_eq!(emu.stats().status_count(503), 4);
+    drop(proxy);
+    drop(emu);
+
+    // A body larger than the 64 KiB replay buffer cannot be re-sent: the upstream's 429 passes.
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"60s\", retry_after: 1 }\n").await;
+    let proxy = ProxyProcess::start(&config("100/s", ""), emu.local_addr()).await;
+    let entries: Vec<String> = (0..30)
+        .map(|i| format!(r#"{{"id":"user-{i}","sourceId":"purecloud","primary":true,"presenceDefinition":{{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"}},"message":"{}"}}"#, "z".repeat(3000)))
+        .collect();
+    let big = format!("[{}]", entries.join(","));
+    assert!(big.len() > 64 * 1024);
+    let t = Instant::now();
+    let a = request(
+        proxy.addr,
+        Method::PUT,
+        "/api/v2/users/presences/bulk",
+        &[("Authorization", "Bearer t")],
+        Bytes::from(big),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 429);
+    assert_eq!(header(&a, "Retry-After"), Some("1"));
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("1"));
+    assert!(t.elapsed() < Duration::from_millis(900));
+}
