@@ -233,6 +233,21 @@ impl Adaptive {
         Some(sent as f64 / window)
     }
 
+    /// The state other replicas need: (lowered, ceiling).
+    pub fn state(&self) -> (f64, f64) {
+        (self.lowered, self.ceiling)
+    }
+
+    /// Takes over another replica's decrease made at `at`, when it is newer than our own.
+    pub fn adopt(&mut self, lowered: f64, ceiling: f64, at: Nanos) {
+        if self.last_decrease.is_some_and(|own| own >= at) {
+            return;
+        }
+        self.lowered = lowered.clamp(self.floor, self.configured);
+        self.ceiling = ceiling.clamp(self.floor, self.configured);
+        self.last_decrease = Some(at);
+    }
+
     /// A new configured rate (reload). The learned reduction is kept as a fraction.
     pub fn reconfigure(&mut self, configured: f64, floor: f64) {
         if self.configured != configured {

@@ -1,7 +1,9 @@
 //! config.yaml: strict parsing into raw structs, then validation into [`Config`], the only type the
 //! request path sees. Every error is collected (not just the first) and names its YAML path and line.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+
+use indexmap::IndexMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -512,9 +514,9 @@ struct RawConfig {
     admin_listen: Option<String>,
     #[serde(default)]
     admin_token_env: Option<String>,
-    upstreams: BTreeMap<String, RawUpstream>,
+    upstreams: IndexMap<String, RawUpstream>,
     #[serde(default)]
-    budgets: BTreeMap<String, RawBudget>,
+    budgets: IndexMap<String, RawBudget>,
     routes: Vec<RawRoute>,
     #[serde(default)]
     queue: RawQueue,
@@ -996,12 +998,6 @@ impl Validator<'_> {
                 ) as u32,
             }
         });
-        if cluster.is_some() && !crate::CLUSTER_SUPPORTED {
-            self.err(
-                "cluster",
-                "shared budgets through Redis are not supported by this build yet",
-            );
-        }
 
         if !self.errors.is_empty() {
             return None;

@@ -5,6 +5,7 @@
 //! - [`route`]: path templates, first-match routing, the upstream path rewrite.
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA, pause, adaptive rate): pure.
 //! - [`pacer`]: the queue; requests wait until every bucket of their route grants a slot.
+//! - [`store`]: the seam to the budget state shared by replicas; [`cluster`]: its Redis side.
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures: pure.
 //! - [`proxy`]: the Pingora `ProxyHttp` implementation; the only module that knows `Session`.
 //! - [`answers`]: the JSON answers the proxy makes itself.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod answers;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod emulator;
@@ -32,6 +34,4 @@ pub mod route;
 pub mod server;
 pub mod shared;
 pub mod status_page;
-
-/// Whether this build can share budgets through Redis (`cluster` in the config).
-pub const CLUSTER_SUPPORTED: bool = false;
+pub mod store;

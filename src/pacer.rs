@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use crate::budget::{Adaptive, Gcra, Limit, Nanos, NANOS_PER_SEC};
 use crate::config::BudgetSpec;
 use crate::route::Priority;
+use crate::store::{LeaseRequest, SlotStore, ThrottleRequest};
 
 /// Which bucket: a budget's name and, for keyed budgets, the hash of the key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -182,7 +183,34 @@ struct Bucket {
     /// what a 429 is measured against to learn the upstream's limit.
     epoch: VecDeque<Nanos>,
     epoch_start: Nanos,
+    /// In cluster mode: slots leased from the shared store.
+    shared: Option<Leases>,
 }
+
+/// A bucket's slots leased from the shared store (cluster mode).
+struct Leases {
+    key: String,
+    /// Start times of leased, unused slots, in order.
+    slots: VecDeque<Nanos>,
+    fetching: bool,
+    /// The store answers: slots come from it. Otherwise the bucket paces locally at its share.
+    leasing: bool,
+    /// Divides the rate while the store is unreachable (`fallback_replicas`), and for a grace
+    /// period after it is back, while other replicas may still pace on their own share.
+    divisor: f64,
+    grace_until: Nanos,
+}
+
+/// "Not before a lease arrives."
+const NEVER: Nanos = u64::MAX / 4;
+/// How far ahead a replica leases slots, at most.
+const LEASE_HORIZON: Nanos = 100_000_000;
+/// Most slots in one lease.
+const LEASE_MAX: u32 = 200;
+/// How long the store may take to answer before it is considered down.
+pub const STORE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often an unreachable store is tried again.
+const STORE_PROBE: Duration = Duration::from_millis(500);
 
 /// A gap this long between two grants starts a new epoch.
 const EPOCH_IDLE: Nanos = 1_000_000_000;
@@ -204,11 +232,30 @@ impl Bucket {
             orphan: false,
             epoch: VecDeque::new(),
             epoch_start: 0,
+            shared: None,
         }
+    }
+
+    /// Gives back a slot taken at `now` and not used.
+    fn give_back(&mut self, now: Nanos) {
+        if let Some(l) = self.shared.as_mut().filter(|l| l.leasing) {
+            l.slots.push_front(now);
+            return;
+        }
+        let limit = self.limit(now);
+        self.gcra.give_back(now, &limit);
     }
 
     /// Takes one slot at `at`.
     fn take(&mut self, at: Nanos, now: Nanos) {
+        let limit = self.limit(now);
+        if let Some(l) = self.shared.as_mut().filter(|l| l.leasing) {
+            l.slots.pop_front();
+            if l.divisor > 1.0 {
+                self.gcra.take(at, &limit);
+            }
+            return;
+        }
         let limit = self.limit(now);
         self.gcra.take(at, &limit);
         let last = self.epoch.back().copied();
@@ -232,7 +279,8 @@ impl Bucket {
     /// The upstream's limit as learned from a 429 of a request granted at `sent`.
     fn estimate(&self, sent: Nanos, retry_after: Option<Duration>) -> Option<f64> {
         let ra = retry_after?;
-        if sent < self.epoch_start || self.epoch.len() == EPOCH_CAP {
+        // A replica sees only its own share of what went through: nothing to learn from.
+        if self.shared.is_some() || sent < self.epoch_start || self.epoch.len() == EPOCH_CAP {
             return None;
         }
         let before = self.epoch.partition_point(|&g| g < sent) as u64;
@@ -241,12 +289,54 @@ impl Bucket {
     }
 
     fn limit(&self, now: Nanos) -> Limit {
-        Limit::new(self.adaptive.rate(now), self.burst)
+        let divisor = self.shared.as_ref().map_or(1.0, |l| l.divisor);
+        Limit::new(self.adaptive.rate(now) / divisor, self.burst)
     }
 
     /// Earliest time this bucket can grant one slot.
     fn ready_at(&self, now: Nanos) -> Nanos {
-        self.gcra.earliest(&self.limit(now)).max(self.paused_until)
+        let local = self.gcra.earliest(&self.limit(now)).max(self.paused_until);
+        match self.shared.as_ref().filter(|l| l.leasing) {
+            Some(l) => {
+                let slot = l.slots.front().copied().unwrap_or(NEVER).max(self.paused_until);
+                // In the grace period after an outage, also within our own share.
+                if l.divisor > 1.0 {
+                    slot.max(local)
+                } else {
+                    slot
+                }
+            }
+            None => local,
+        }
+    }
+
+    /// The lease this bucket should ask for now, if any: only while requests wait for slots,
+    /// and only as far ahead as [`LEASE_HORIZON`], so replicas take turns.
+    fn lease_needed(&mut self, now: Nanos) -> Option<LeaseRequest> {
+        let waiting = self.queue.len();
+        // The shared schedule runs at the whole rate, whatever our local share.
+        let limit = Limit::new(self.adaptive.rate(now), self.burst);
+        let l = self.shared.as_mut().filter(|l| l.leasing && !l.fetching)?;
+        if l.divisor > 1.0 && now >= l.grace_until {
+            l.divisor = 1.0;
+        }
+        // Slots left unused for longer than the slack are gone: using them late would squeeze
+        // the next ones.
+        while l.slots.front().is_some_and(|&t| t + LATE_SLACK < now) {
+            l.slots.pop_front();
+        }
+        if waiting <= l.slots.len() || l.slots.back().is_some_and(|&t| t >= now + LEASE_HORIZON) {
+            return None;
+        }
+        let per_horizon = (LEASE_HORIZON / limit.interval.max(1)).max(1) as usize;
+        let count = (waiting - l.slots.len()).min(per_horizon).min(LEASE_MAX as usize) as u32;
+        l.fetching = true;
+        Some(LeaseRequest {
+            key: l.key.clone(),
+            interval: Duration::from_nanos(limit.interval),
+            tolerance: Duration::from_nanos(limit.tolerance),
+            count,
+        })
     }
 
     fn conforms(&self, now: Nanos) -> bool {
@@ -256,6 +346,10 @@ impl Bucket {
     /// Fresh, empty, unpaused, at its configured rate: can be forgotten.
     fn is_idle(&self, now: Nanos) -> bool {
         self.queue.is_empty()
+            && self
+                .shared
+                .as_ref()
+                .is_none_or(|l| !l.fetching && l.slots.back().is_none_or(|&t| t < now))
             && self.gcra.is_idle(now)
             && self.paused_until <= now
             && self.adaptive.is_settled(now)
@@ -285,6 +379,29 @@ struct State {
     last_sweep: Nanos,
     /// Pacing runs this fraction of the configured rates: see [`Pacer::with_guard`].
     guard: f64,
+    cluster: Option<Cluster>,
+}
+
+/// Cluster mode: buckets lease their slots from a shared store.
+struct Cluster {
+    store: Arc<dyn SlotStore>,
+    prefix: String,
+    fallback_replicas: u32,
+    up: bool,
+    down_since: Option<Instant>,
+    fallback_total: Duration,
+}
+
+impl Cluster {
+    fn store_key(&self, key: &BucketKey) -> String {
+        match key.key {
+            None => format!("{}{}", self.prefix, key.budget),
+            Some(k) => {
+                let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+                format!("{}{}:{hex}", self.prefix, key.budget)
+            }
+        }
+    }
 }
 
 /// The shared pacer. Cheap to clone.
@@ -327,6 +444,7 @@ impl Pacer {
                 scheduler_started: false,
                 last_sweep: 0,
                 guard: 1.0,
+                cluster: None,
             })),
             notify: Arc::new(Notify::new()),
         }
@@ -338,6 +456,29 @@ impl Pacer {
     pub fn with_guard(self, guard: f64) -> Pacer {
         self.lock().guard = guard.clamp(0.5, 1.0);
         self
+    }
+
+    /// Cluster mode: every bucket leases its slots from `store` (keys under `prefix`), and
+    /// paces locally at `1 / fallback_replicas` of its rate while the store is unreachable.
+    pub fn with_store(self, store: Arc<dyn SlotStore>, prefix: &str, fallback_replicas: u32) -> Pacer {
+        self.lock().cluster = Some(Cluster {
+            store,
+            prefix: prefix.to_string(),
+            fallback_replicas: fallback_replicas.max(1),
+            up: true,
+            down_since: None,
+            fallback_total: Duration::ZERO,
+        });
+        self
+    }
+
+    /// In cluster mode: whether the store answers, and the total time spent on the fallback
+    /// share so far.
+    pub fn store_status(&self) -> Option<(bool, Duration)> {
+        let st = self.lock();
+        let c = st.cluster.as_ref()?;
+        let current = c.down_since.map_or(Duration::ZERO, |t| t.elapsed());
+        Some((c.up, c.fallback_total + current))
     }
 
     // A std mutex: every critical section is short and never awaits, and the lock is taken
@@ -371,7 +512,18 @@ impl Pacer {
                 let spec = st.specs.get(&b.budget).cloned();
                 let Some(spec) = spec else { continue };
                 let guard = st.guard;
-                st.buckets.insert(b.clone(), Bucket::new(&spec, guard));
+                let mut bucket = Bucket::new(&spec, guard);
+                if let Some(c) = &st.cluster {
+                    bucket.shared = Some(Leases {
+                        key: c.store_key(b),
+                        slots: VecDeque::new(),
+                        fetching: false,
+                        leasing: c.up,
+                        divisor: if c.up { 1.0 } else { f64::from(c.fallback_replicas) },
+                        grace_until: 0,
+                    });
+                }
+                st.buckets.insert(b.clone(), bucket);
             }
         }
         demand.buckets.retain(|b| st.buckets.contains_key(b));
@@ -478,13 +630,26 @@ impl Pacer {
         let until = now + pause.as_nanos() as Nanos;
         let guard = st.guard;
         let mut lowered = Vec::new();
+        let mut throttles = Vec::new();
         for key in buckets {
             let Some(b) = st.buckets.get_mut(key) else {
                 continue;
             };
             let estimate = b.estimate(sent, retry_after).map(|r| r * guard);
-            if b.adaptive.throttled(now, sent, estimate) {
+            let was_lowered = b.adaptive.throttled(now, sent, estimate);
+            if was_lowered {
                 lowered.push(key.budget.to_string());
+            }
+            if let Some(l) = b.shared.as_mut() {
+                // The other replicas learn it from the store; our own leased slots inside the
+                // pause are void.
+                l.slots.retain(|&t| t >= until);
+                throttles.push(ThrottleRequest {
+                    key: l.key.clone(),
+                    pause,
+                    tolerance: Duration::from_nanos(b.limit(now).tolerance),
+                    lowered: was_lowered.then(|| b.adaptive.state()),
+                });
             }
             if until > b.paused_until {
                 b.paused_until = until;
@@ -494,9 +659,160 @@ impl Pacer {
             }
         }
         let wake = st.pass(now, self);
+        let store = st.cluster.as_ref().filter(|c| c.up).map(|c| c.store.clone());
         drop(st);
         self.reschedule(wake);
+        if let (Some(store), Ok(rt)) = (store, tokio::runtime::Handle::try_current()) {
+            let pacer = self.clone();
+            rt.spawn(async move {
+                for t in throttles {
+                    match tokio::time::timeout(STORE_TIMEOUT, store.throttle(t)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => pacer.store_failed(&e.to_string()),
+                        Err(_) => pacer.store_failed("timed out"),
+                    }
+                }
+            });
+        }
         lowered
+    }
+
+    /// Fetches one lease and applies it.
+    async fn fetch(self, key: BucketKey, req: LeaseRequest, store: Arc<dyn SlotStore>) {
+        let sent = Instant::now();
+        let answer = tokio::time::timeout(STORE_TIMEOUT, store.lease(req)).await;
+        let received = Instant::now();
+        // The store's "now" is about half a round trip after we asked.
+        let base = sent + (received - sent) / 2;
+        let failure = {
+            let mut st = self.lock();
+            let base = st.nanos(base);
+            let failure = match answer {
+                Ok(Ok(lease)) => {
+                    if let Some(b) = st.buckets.get_mut(&key) {
+                        if let Some(a) = lease.adaptive {
+                            let at = base.saturating_sub(a.ago.as_nanos() as Nanos);
+                            b.adaptive.adopt(a.lowered, a.ceiling, at);
+                        }
+                        let paused = base + lease.paused_for.as_nanos() as Nanos;
+                        if lease.paused_for > Duration::ZERO && paused > b.paused_until {
+                            b.paused_until = paused;
+                        }
+                        let until = b.paused_until;
+                        if let Some(l) = b.shared.as_mut() {
+                            l.fetching = false;
+                            l.slots.extend(
+                                lease
+                                    .slots
+                                    .iter()
+                                    .map(|d| base + d.as_nanos() as Nanos)
+                                    .filter(|&t| t >= until),
+                            );
+                        }
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {STORE_TIMEOUT:?}")),
+            };
+            if let Some(l) = st.buckets.get_mut(&key).and_then(|b| b.shared.as_mut()) {
+                l.fetching = false;
+            }
+            failure
+        };
+        match failure {
+            Some(e) => self.store_failed(&e),
+            None => {
+                let mut st = self.lock();
+                let now = st.nanos(Instant::now());
+                let wake = st.pass(now, &self);
+                drop(st);
+                self.reschedule(wake);
+            }
+        }
+    }
+
+    /// The store did not answer: every bucket paces locally at its fallback share until it
+    /// answers again. Logged once per outage.
+    fn store_failed(&self, error: &str) {
+        let mut st = self.lock();
+        let now = st.nanos(Instant::now());
+        let Some(c) = st.cluster.as_mut() else { return };
+        if !c.up {
+            return;
+        }
+        c.up = false;
+        c.down_since = Some(Instant::now());
+        let divisor = f64::from(c.fallback_replicas);
+        tracing::warn!(
+            "shared budget store unreachable ({error}): each budget falls back to 1/{} of its rate",
+            c.fallback_replicas
+        );
+        for b in st.buckets.values_mut() {
+            if let Some(l) = b.shared.as_mut() {
+                // Slots already leased stay reserved in the store; start the local schedule
+                // after the last of them so the two never overlap.
+                let last = l.slots.back().copied().unwrap_or(now);
+                l.slots.clear();
+                l.leasing = false;
+                l.fetching = false;
+                l.divisor = divisor;
+                b.gcra.tat = b.gcra.tat.max(last);
+            }
+        }
+        let wake = st.pass(now, self);
+        let store = st.cluster.as_ref().map(|c| c.store.clone());
+        drop(st);
+        self.reschedule(wake);
+        if let (Some(store), Ok(rt)) = (store, tokio::runtime::Handle::try_current()) {
+            rt.spawn(self.clone().probe(store));
+        }
+    }
+
+    /// Tries the store until it answers, then goes back to sharing.
+    async fn probe(self, store: Arc<dyn SlotStore>) {
+        let weak = Arc::downgrade(&self.state);
+        let notify = self.notify.clone();
+        drop(self);
+        loop {
+            tokio::time::sleep(STORE_PROBE).await;
+            if weak.strong_count() == 0 {
+                return;
+            }
+            let ok = matches!(
+                tokio::time::timeout(STORE_TIMEOUT, store.ping()).await,
+                Ok(Ok(()))
+            );
+            if !ok {
+                continue;
+            }
+            let Some(state) = weak.upgrade() else { return };
+            let pacer = Pacer {
+                state,
+                notify: notify.clone(),
+            };
+            let mut st = pacer.lock();
+            let now = st.nanos(Instant::now());
+            if let Some(c) = st.cluster.as_mut() {
+                c.up = true;
+                if let Some(since) = c.down_since.take() {
+                    c.fallback_total += since.elapsed();
+                }
+                tracing::info!("shared budget store reachable again: budgets are shared again");
+            }
+            for b in st.buckets.values_mut() {
+                if let Some(l) = b.shared.as_mut() {
+                    l.leasing = true;
+                    // Other replicas may find the store up to one probe later: until they all
+                    // can, stay within our own share too.
+                    l.grace_until = now + 2 * STORE_PROBE.as_nanos() as Nanos;
+                }
+            }
+            let wake = st.pass(now, &pacer);
+            drop(st);
+            pacer.reschedule(wake);
+            return;
+        }
     }
 
     /// Reports when a granted request actually left. A request that left later than its grant
@@ -587,7 +903,12 @@ impl Pacer {
             };
             v.keys += 1;
             v.waiting += b.queue.len();
-            v.rate_in_force = v.rate_in_force.min(b.adaptive.rate(now) / st.guard);
+            let r = b.adaptive.rate(now);
+            // At its full rate a bucket reads exactly the configured rate (r / guard is not
+            // always that in floating point).
+            if r < b.adaptive.configured {
+                v.rate_in_force = v.rate_in_force.min(r / st.guard);
+            }
             let paused = Duration::from_nanos(b.paused_until.saturating_sub(now));
             v.paused_for = v.paused_for.max(paused);
         }
@@ -618,8 +939,7 @@ impl Pacer {
         let now = st.nanos(Instant::now());
         for key in buckets {
             if let Some(b) = st.buckets.get_mut(key) {
-                let limit = b.limit(now);
-                b.gcra.give_back(now, &limit);
+                b.give_back(now);
             }
         }
         let wake = st.pass(now, self);
@@ -716,8 +1036,23 @@ impl State {
         at
     }
 
-    /// Releases every waiter that can go at `now`; returns when to look again.
+    /// Releases every waiter that can go at `now`; returns when to look again. In cluster mode,
+    /// also asks for the leases that buckets with waiters need.
     fn pass(&mut self, now: Nanos, pacer: &Pacer) -> Option<Nanos> {
+        let wake = self.release(now, pacer);
+        if let Some(store) = self.cluster.as_ref().filter(|c| c.up).map(|c| c.store.clone()) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                for (key, b) in self.buckets.iter_mut() {
+                    if let Some(req) = b.lease_needed(now) {
+                        rt.spawn(pacer.clone().fetch(key.clone(), req, store.clone()));
+                    }
+                }
+            }
+        }
+        wake
+    }
+
+    fn release(&mut self, now: Nanos, pacer: &Pacer) -> Option<Nanos> {
         self.expire(now);
         loop {
             // Candidates: per bucket, the first waiter whose first bucket it is.
@@ -798,8 +1133,7 @@ impl State {
                 g.pacer = None;
                 for key in &g.buckets {
                     if let Some(b) = self.buckets.get_mut(key) {
-                        let limit = b.limit(now);
-                        b.gcra.give_back(now, &limit);
+                        b.give_back(now);
                     }
                 }
             }
@@ -1261,6 +1595,111 @@ mod tests {
         }
         // the 990 ms still owed at 1/s became 9.9 ms at 100/s (released at 19.9 ms); then 10 ms apart
         assert_eq!(at, vec![19, 29, 39, 49, 59]);
+    }
+
+    /// Three replicas' pacers sharing one store; `waiters[i]` requests queue on replica i at
+    /// once. Returns every grant time (since start) with its replica.
+    async fn run_replicas(
+        store: Arc<crate::store::MemoryStore>,
+        budget: BudgetSpec,
+        waiters: [usize; 3],
+        during: impl FnOnce(Vec<Pacer>) -> tokio::task::JoinHandle<()>,
+    ) -> Vec<(usize, Duration)> {
+        let t0 = Instant::now();
+        let pacers: Vec<Pacer> = (0..3)
+            .map(|_| {
+                Pacer::new(std::slice::from_ref(&budget), 10_000, Duration::from_secs(10))
+                    .with_store(store.clone(), "test:", 3)
+            })
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, p) in pacers.iter().enumerate() {
+            for _ in 0..waiters[i] {
+                let t = p.admit(demand(p, &[(budget.name.as_str(), None)], Priority::Normal)).unwrap();
+                spawn_waiter(t, i, t0, tx.clone());
+            }
+        }
+        drop(tx);
+        let side = during(pacers.clone());
+        let mut got = Vec::new();
+        while let Some(x) = rx.recv().await {
+            got.push(x);
+        }
+        side.abort();
+        got.sort_by_key(|(_, at)| *at);
+        got
+    }
+
+    fn max_in_window(grants: &[(usize, Duration)], window: Duration) -> usize {
+        (0..grants.len())
+            .map(|i| grants[i..].iter().take_while(|(_, t)| *t < grants[i].1 + window).count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replicas_sharing_a_store_stay_within_the_budget_together() {
+        let store = Arc::new(crate::store::MemoryStore::default());
+        // 60/s shared; load split 60/30/10 % over three replicas
+        let grants = run_replicas(store.clone(), spec("g", 60.0, 1, Per::Global), [180, 90, 30], |_| {
+            tokio::spawn(async {})
+        })
+        .await;
+        assert_eq!(grants.len(), 300);
+        assert!(max_in_window(&grants, Duration::from_secs(1)) <= 61);
+        let done = grants.last().unwrap().1;
+        // ideal: 300 / 60 = 5 s
+        assert!(done <= Duration::from_millis(5_500), "{done:?}");
+        // leases, not a store call per request
+        assert!(store.calls() < 150, "{} store calls for 300 requests", store.calls());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_store_each_replica_keeps_its_share_and_shares_again_when_it_is_back() {
+        let store = Arc::new(crate::store::MemoryStore::default());
+        let s2 = store.clone();
+        let grants = run_replicas(store.clone(), spec("g", 30.0, 1, Per::Global), [60, 60, 60], move |pacers| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                s2.set_down(true);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                assert_eq!(pacers[0].store_status().map(|s| s.0), Some(false));
+                s2.set_down(false);
+            })
+        })
+        .await;
+        assert_eq!(grants.len(), 180, "nothing failed because of the store");
+        // While down (1.5 s .. 3 s): each replica at 10/s, together 30/s.
+        let during: Vec<_> = grants
+            .iter()
+            .filter(|(_, t)| *t >= Duration::from_millis(1500) && *t < Duration::from_millis(3000))
+            .collect();
+        for r in 0..3 {
+            let n = during.iter().filter(|(i, _)| *i == r).count();
+            assert!((13..=17).contains(&n), "replica {r}: {n} grants in 1.5 s at 10/s");
+        }
+        assert!(max_in_window(&grants, Duration::from_secs(1)) <= 33);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_seen_by_one_replica_pauses_the_others() {
+        let store = Arc::new(crate::store::MemoryStore::default());
+        let grants = run_replicas(store.clone(), spec("g", 50.0, 1, Per::Global), [50, 50, 50], |pacers| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let key = pacers[0].bucket_key("g", None);
+                pacers[0].throttle(&[key], Some(Duration::from_secs(2)), Duration::from_secs(2), Instant::now());
+            })
+        })
+        .await;
+        // From 1 s to 3 s, only slots leased before the throttle (at most one horizon's worth
+        // per replica) may still be used.
+        let paused: Vec<_> = grants
+            .iter()
+            .filter(|(_, t)| *t > Duration::from_millis(1000) && *t < Duration::from_millis(3000))
+            .collect();
+        assert!(paused.len() <= 6, "{} grants during the pause: {paused:?}", paused.len());
+        assert_eq!(grants.len(), 150);
     }
 
     #[tokio::test(start_paused = true)]

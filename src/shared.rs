@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::cluster::RedisStore;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pacer::Pacer;
@@ -18,6 +19,9 @@ use crate::status_page::ThrottleEvent;
 /// Budgets are paced this much under their configured rate: 0.3 % absorbs the jitter between
 /// the proxy's clock and the upstream's windows (3 ms per second, 180 ms per minute).
 pub const PACING_GUARD: f64 = 0.997;
+
+/// A Redis command that takes longer than this counts as Redis being unreachable.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// How many throttle events the status page keeps.
 const RECENT_THROTTLES: usize = 20;
@@ -37,6 +41,8 @@ pub struct Shared {
     pub started: Instant,
     pub recent_throttles: Mutex<VecDeque<ThrottleEvent>>,
     pub last_reload: Mutex<Option<ReloadRecord>>,
+    /// Fallback time already added to its counter.
+    fallback_reported: Mutex<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,8 +55,17 @@ pub struct ReloadRecord {
 impl Shared {
     pub fn new(config: Config, config_path: PathBuf) -> Arc<Shared> {
         let metrics = Arc::new(Metrics::new());
-        let pacer = Pacer::new(&config.budgets, config.queue.max_depth, config.queue.aging)
+        let mut pacer = Pacer::new(&config.budgets, config.queue.max_depth, config.queue.aging)
             .with_guard(PACING_GUARD);
+        if let Some(c) = &config.cluster {
+            match RedisStore::new(&c.redis_url, REDIS_TIMEOUT) {
+                Ok(store) => {
+                    pacer = pacer.with_store(Arc::new(store), &c.key_prefix, c.fallback_replicas)
+                }
+                // The URL was validated; a client that cannot even be built is the fallback case.
+                Err(e) => tracing::error!("cluster: {e}; budgets stay local"),
+            }
+        }
         let shared = Arc::new(Shared {
             config_path,
             pacer,
@@ -62,6 +77,7 @@ impl Shared {
             started: Instant::now(),
             recent_throttles: Mutex::new(VecDeque::new()),
             last_reload: Mutex::new(None),
+            fallback_reported: Mutex::new(Duration::ZERO),
             config: ArcSwap::from_pointee(config),
         });
         shared.publish_config();
@@ -83,8 +99,21 @@ impl Shared {
         self.refresh_rates();
     }
 
-    /// Copies the rates in force into their gauge.
+    /// Copies the rates in force (and the shared store's state) into their gauges.
     pub fn refresh_rates(&self) {
+        if let Some((up, fallback)) = self.pacer.store_status() {
+            self.metrics.cluster_redis_up.set(i64::from(up));
+            let mut last = self
+                .fallback_reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if fallback > *last {
+                self.metrics
+                    .cluster_fallback_seconds_total
+                    .inc_by((fallback - *last).as_secs_f64());
+                *last = fallback;
+            }
+        }
         for v in self.pacer.view() {
             self.metrics
                 .budget_rate
