@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::proxy::NO_ROUTE_LABEL;
-use crate::shared::Shared;
+use crate::shared::{ReloadRecord, Shared};
 use crate::status_page::{self, BudgetStatus, RouteStatus, StatusSnapshot};
 
 type Body = Full<Bytes>;
@@ -230,11 +230,19 @@ pub fn snapshot(shared: &Shared) -> StatusSnapshot {
             }
         })
         .collect();
+    // Before the first reload, the config in force is the one loaded (successfully) at start.
     let last = shared
         .last_reload
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .clone();
+        .clone()
+        .or_else(|| {
+            Some(ReloadRecord {
+                at: SystemTime::now().checked_sub(shared.started.elapsed())?,
+                ok: true,
+                error: None,
+            })
+        });
     let inflight: u64 = routes.iter().map(|r| r.inflight).sum();
     let _ = NO_ROUTE_LABEL;
     StatusSnapshot {

@@ -66,8 +66,11 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,pingora=warn,pingora_core=warn,pingora_proxy=warn")
     });
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal, never in a file or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

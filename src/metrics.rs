@@ -4,6 +4,8 @@
 //! Label values are bounded by the config: route and budget names, status codes and the fixed
 //! reason lists below; never a token, user id, path or client address.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
@@ -243,7 +245,15 @@ impl Metrics {
     ///
     /// Called at start and after each reload: names new to the config are added; series of
     /// routes and budgets that left it stay, so their counters do not appear to reset.
+    ///
+    /// Being called means a config took effect, so it also stamps
+    /// `config_last_reload_success_timestamp_seconds`: without that, the load at start left it
+    /// at 0 (the Unix epoch) until the first reload.
     pub fn init_labels(&self, routes: &[&str], budgets: &[&str]) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.config_last_reload_success_timestamp_seconds.set(now);
         for &route in routes {
             for &status in PRESET_STATUSES {
                 self.requests_total.with_label_values(&[route, status]);
@@ -473,6 +483,15 @@ mod tests {
             let s = format!("shiftgate_config_reloads_total{{result=\"{result}\"}}");
             assert_eq!(sample(&text, &s).as_deref(), Some("0"), "{s}");
         }
+    }
+
+    #[test]
+    fn init_labels_stamps_the_time_the_config_took_effect() {
+        let m = Metrics::new();
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        m.init_labels(&["r"], &[]);
+        let stamped = m.config_last_reload_success_timestamp_seconds.get();
+        assert!(stamped >= before.as_secs() as f64, "{stamped}");
     }
 
     #[test]

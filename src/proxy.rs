@@ -117,7 +117,7 @@ impl Proxy {
         }
         add_shiftgate_headers(&mut resp, ctx);
         // A body we did not read would be taken for the next request on this connection.
-        if !session.is_body_done() {
+        if !session.is_body_done() || !self.shared.keep_alive() {
             session.set_keepalive(None);
         }
         if let Err(e) = session.write_response_header(Box::new(resp), false).await {
@@ -736,10 +736,15 @@ impl ProxyHttp for Proxy {
     /// Adds the wait and attempt counts to every proxied answer (default: nothing).
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // Stopping: tell the client to reconnect (to the new process, after an upgrade)
+        // between requests rather than have an idle keep-alive connection cut under it.
+        if !self.shared.keep_alive() {
+            session.set_keepalive(None);
+        }
         add_shiftgate_headers(upstream_response, ctx);
         Ok(())
     }
@@ -820,6 +825,8 @@ impl ProxyHttp for Proxy {
             _ => None,
         });
         let can_write = !ctx.client_gone && session.response_written().is_none();
+        // The connection is not reused after a failure: say so in the answer.
+        session.set_keepalive(None);
         let code = match reason {
             Some(reason) if can_write => {
                 let msg = match reason {

@@ -19,6 +19,9 @@ pub struct Reloaded {
 
 /// Reloads the config file. `trigger` names what asked for it, for the log.
 pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErrors> {
+    // One at a time: a slower read of an older file must not be stored after a newer one.
+    static RELOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = RELOADING.lock().unwrap_or_else(|e| e.into_inner());
     let result = Config::load(&shared.config_path);
     let m = &shared.metrics;
     let now = SystemTime::now();

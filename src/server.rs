@@ -33,13 +33,7 @@ pub struct RunOptions {
 
 /// Runs the proxy until it is told to stop. Never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
-    let admin = match bind_reusable(config.admin_listen) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on admin_listen {}: {e}", config.admin_listen);
-            std::process::exit(1);
-        }
-    };
+    let admin_listen = config.admin_listen;
     let listen = config.listen;
     let workers = config.workers;
     let drain = config.shutdown.drain_timeout;
@@ -61,7 +55,18 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // With --upgrade this waits for the old process to send its listeners (after its SIGQUIT).
     server.bootstrap();
+    // Bound only now: during an upgrade the old process still serves the admin port, and a
+    // socket bound while we wait above would take its share of the connections (SO_REUSEPORT)
+    // and leave them unanswered until the handover, or reset them if it never comes.
+    let admin = match bind_reusable(admin_listen) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on admin_listen {admin_listen}: {e}");
+            std::process::exit(1);
+        }
+    };
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -202,6 +207,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let kind = tokio::select! {
             _ = term.recv() => {
+                self.shared.stopping.store(true, Ordering::SeqCst);
                 drain(&self.shared).await;
                 ShutdownSignal::GracefulTerminate
             }
@@ -210,6 +216,11 @@ impl ShutdownSignalWatch for Signals {
                 return ShutdownSignal::FastShutdown;
             }
             _ = quit.recv() => {
+                // Pingora now sends the listeners, keeps accepting for 5 s alongside the new
+                // process, then stops and drops idle connections: until then every answer
+                // says `Connection: close`, so clients move to the new process between
+                // requests, never in the middle of one.
+                self.shared.stopping.store(true, Ordering::SeqCst);
                 tracing::info!("SIGQUIT: handing the listening sockets to the new process");
                 ShutdownSignal::GracefulUpgrade
             }

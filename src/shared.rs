@@ -20,6 +20,9 @@ use crate::status_page::ThrottleEvent;
 /// the proxy's clock and the upstream's windows (3 ms per second, 180 ms per minute).
 pub const PACING_GUARD: f64 = 0.997;
 
+/// With replicas the jitter is that of several processes (or hosts): 1 %, 10 ms per second.
+pub const CLUSTER_PACING_GUARD: f64 = 0.99;
+
 /// A Redis command that takes longer than this counts as Redis being unreachable.
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -55,8 +58,13 @@ pub struct ReloadRecord {
 impl Shared {
     pub fn new(config: Config, config_path: PathBuf) -> Arc<Shared> {
         let metrics = Arc::new(Metrics::new());
+        let guard = if config.cluster.is_some() {
+            CLUSTER_PACING_GUARD
+        } else {
+            PACING_GUARD
+        };
         let mut pacer = Pacer::new(&config.budgets, config.queue.max_depth, config.queue.aging)
-            .with_guard(PACING_GUARD);
+            .with_guard(guard);
         if let Some(c) = &config.cluster {
             match RedisStore::new(&c.redis_url, REDIS_TIMEOUT) {
                 Ok(store) => {

@@ -1,0 +1,822 @@
+//! The proxy's lifecycle, end to end with the real binary in front of the emulator: config
+//! reloads (file rename, SIGHUP, `POST /-/reload`, the admin token), budget state across a
+//! reload, the SIGTERM drain and the graceful binary upgrade (SIGQUIT).
+//!
+//! Rates are measured where they matter, at the emulator (its per-second timeline, by arrival);
+//! durations against the test's clock, which is the emulator's too (same process). Run with
+//! `--test-threads=1`: the timings leave slack for a shared machine, not for a second test.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+use shiftgate::loadtest::client::Answer;
+use shiftgate::loadtest::{self, Endpoint, LoadSpec};
+
+const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
+
+/// Every config file of a test is padded to this many bytes before the placeholders are
+/// replaced, so that all of them have the same size once written (see [`write_unwatched`]).
+const PADDED_LEN: usize = 1536;
+
+/// A config with one global `presence` budget on the presence PATCH route and an unpaced
+/// `default` route. `presence_ref` is the budget the route names (an unknown one makes the file
+/// invalid); `extra` is appended as is (top-level keys).
+fn config(rate: &str, burst: u32, presence_ref: &str, default_path: &str, extra: &str) -> String {
+    let text = format!(
+        r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: {{ url: "http://@EMU@" }}
+budgets:
+  presence: {{ rate: "{rate}", burst: {burst} }}
+routes:
+  - name: presence
+    match: {{ method: PATCH, path: "{PRESENCE_PATH}" }}
+    budgets: [{presence_ref}]
+    max_wait: "60s"
+  - name: default
+    match: {{ path: "{default_path}" }}
+queue:
+  max_depth: 3000
+{extra}
+"#
+    );
+    pad(text)
+}
+
+/// Pads with a trailing comment to [`PADDED_LEN`] bytes.
+fn pad(mut text: String) -> String {
+    assert!(text.len() + 3 <= PADDED_LEN, "config too long to pad");
+    text.push('#');
+    while text.len() < PADDED_LEN - 1 {
+        text.push(' ');
+    }
+    text.push('\n');
+    text
+}
+
+fn presence(rate: &str) -> String {
+    config(rate, 1, "presence", "/api/**", "")
+}
+
+/// The same file with the route naming a budget that does not exist.
+fn broken(rate: &str) -> String {
+    config(rate, 1, "absentee", "/api/**", "")
+}
+
+/// Rewrites the config file in place, same size, and puts its modification time back: the file
+/// watcher (which compares mtime, size, inode) cannot see the change, so only SIGHUP or
+/// `POST /-/reload` can apply it.
+fn write_unwatched(proxy: &ProxyProcess, yaml: &str, upstream: SocketAddr) {
+    use std::io::Write;
+    let text = yaml
+        .replace("@LISTEN@", &proxy.addr.to_string())
+        .replace("@ADMIN@", &proxy.admin.to_string())
+        .replace("@EMU@", &upstream.to_string());
+    let before = std::fs::metadata(&proxy.config_path).unwrap();
+    assert_eq!(
+        before.len(),
+        text.len() as u64,
+        "the unwatched rewrite keeps the size"
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&proxy.config_path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.set_modified(before.modified().unwrap()).unwrap();
+    drop(f);
+    let after = std::fs::metadata(&proxy.config_path).unwrap();
+    assert_eq!(after.modified().unwrap(), before.modified().unwrap());
+}
+
+async fn status_json(proxy: &ProxyProcess) -> serde_json::Value {
+    let a = get(proxy.admin, "/status.json").await.expect("status.json");
+    assert_eq!(a.status, 200);
+    json(&a)
+}
+
+/// The configured rate of `budget` as /status.json shows it.
+async fn configured_rate(proxy: &ProxyProcess, budget: &str) -> f64 {
+    let s = status_json(proxy).await;
+    s["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == budget)
+        .unwrap_or_else(|| panic!("no budget {budget} in {s}"))["configured_rate"]
+        .as_f64()
+        .unwrap()
+}
+
+/// Polls every 20 ms until `budget` shows `rate`; returns how long that took.
+async fn wait_for_rate(proxy: &ProxyProcess, budget: &str, rate: f64, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        if configured_rate(proxy, budget).await == rate {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "{budget} did not show {rate}/s within {limit:?}; log:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn reloads(proxy: &ProxyProcess, result: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            "shiftgate_config_reloads_total{{result=\"{result}\"}}"
+        ))
+        .await
+}
+
+/// Polls until the reload counter of `result` reaches `n`.
+async fn wait_for_reloads(proxy: &ProxyProcess, result: &str, n: f64, limit: Duration) {
+    let t = Instant::now();
+    while reloads(proxy, result).await < n {
+        assert!(
+            t.elapsed() < limit,
+            "no {result} reload #{n} within {limit:?}; log:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn post_reload(proxy: &ProxyProcess, token: Option<&str>) -> Answer {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    request(
+        proxy.admin,
+        Method::POST,
+        "/-/reload",
+        &headers,
+        Bytes::new(),
+    )
+    .await
+    .expect("reload answer")
+}
+
+/// The proxy's log without colour escapes.
+fn plain_logs(proxy: &ProxyProcess) -> String {
+    let logs = proxy.logs();
+    let mut out = String::new();
+    let mut chars = logs.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Waits up to 5 s for a log line that `matches` (the log is written after the reload took
+/// effect).
+async fn wait_for_log(proxy: &ProxyProcess, matches: impl Fn(&str) -> bool) {
+    let t = Instant::now();
+    loop {
+        let logs = plain_logs(proxy);
+        if logs.lines().any(&matches) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not in the log:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn body_text(a: &Answer) -> String {
+    String::from_utf8_lossy(&a.body).into_owned()
+}
+
+/// One presence PATCH on a connection of its own.
+async fn patch(addr: SocketAddr, user: usize) -> Result<Answer, String> {
+    request(
+        addr,
+        Method::PATCH,
+        &format!("/api/v2/users/u{user}/presences/purecloud"),
+        &[
+            ("Authorization", "Bearer t"),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+fn load(target: String, agents: usize, loops: usize) -> LoadSpec {
+    LoadSpec {
+        target,
+        agents,
+        loops,
+        tokens: agents,
+        ramp: Duration::ZERO,
+        endpoint: Endpoint::PresencePatch,
+        timeout: Duration::from_secs(60),
+        ..LoadSpec::default()
+    }
+}
+
+/// Requests the emulator saw in each whole second `[s, s+1)` with `from <= s` and
+/// `s + 1 <= to` (seconds since its epoch).
+fn full_seconds(
+    timeline: &[shiftgate::emulator::SecondStats],
+    from: f64,
+    to: f64,
+) -> Vec<(u64, u64)> {
+    timeline
+        .iter()
+        .filter(|s| s.second as f64 >= from && (s.second + 1) as f64 <= to)
+        .map(|s| (s.second, s.requests))
+        .collect()
+}
+
+fn mean(seconds: &[(u64, u64)]) -> f64 {
+    seconds.iter().map(|s| s.1 as f64).sum::<f64>() / seconds.len().max(1) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_config_changes_the_rate_under_load_and_a_broken_one_changes_nothing() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&presence("20/s"), emu.local_addr()).await;
+    emu.reset_stats();
+
+    // 40 agents on their own connections loop presence PATCHes: ~3 s at 20/s (60 requests),
+    // then ~6 s at 100/s once the new file is in.
+    let agents = 40;
+    let loops = 17;
+    let run = tokio::spawn(loadtest::run(load(proxy.url(), agents, loops), None));
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let renamed_at = emu.stats().elapsed_seconds;
+    proxy.replace_config(&presence("100/s"), emu.local_addr());
+    let latency = wait_for_rate(&proxy, "presence", 100.0, Duration::from_secs(5)).await;
+
+    // A broken file 2.5 s later: refused, counted, the 100/s stays.
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(latency)).await;
+    let failures = reloads(&proxy, "failure").await;
+    let broken_at = emu.stats().elapsed_seconds;
+    proxy.replace_config(&broken("20/s"), emu.local_addr());
+    let t = Instant::now();
+    wait_for_reloads(&proxy, "failure", failures + 1.0, Duration::from_secs(5)).await;
+    let refused_after = t.elapsed();
+    let s = status_json(&proxy).await;
+    assert_eq!(s["last_reload_ok"], false, "{s}");
+    let err = s["last_reload_error"].as_str().unwrap_or_default();
+    assert!(err.contains(r#"unknown budget "absentee""#), "{err}");
+    assert_eq!(configured_rate(&proxy, "presence").await, 100.0);
+
+    let result = run.await.unwrap().unwrap();
+    let summary = result.summary();
+    let stats = emu.stats();
+    let total = agents * loops;
+
+    let before = full_seconds(&stats.timeline, 1.0, renamed_at);
+    let last_second = stats.timeline.last().map_or(0, |s| s.second) as f64;
+    // Every whole second that starts 0.5 s or more after the rename (the first of them ends
+    // at most 2.5 s after it; /status.json gives the exact delay); the last second with
+    // requests is partial: the load ended in it.
+    let after = full_seconds(&stats.timeline, renamed_at + 0.5, last_second);
+    let after_broken = full_seconds(&stats.timeline, broken_at, last_second);
+    let first_fast = stats
+        .timeline
+        .iter()
+        .find(|s| s.second as f64 >= renamed_at.floor() && s.requests >= 90)
+        .map(|s| s.second as f64 - renamed_at);
+    println!(
+        "FIGURES reload: status.json showed 100/s {} ms after the rename (polled every 20 ms); \
+         first second at >= 90/s starts {:.2} s after it; broken file counted as a failure after {} ms; \
+         upstream rate before {:.1}/s {:?}, from rename+0.5s {:.1}/s {:?}, after the broken file {:.1}/s; \
+         client answers {:?}, transport errors {}",
+        latency.as_millis(),
+        first_fast.unwrap_or(f64::NAN),
+        refused_after.as_millis(),
+        mean(&before),
+        before,
+        mean(&after),
+        after,
+        mean(&after_broken),
+        summary.by_status,
+        summary.transport_errors
+    );
+
+    assert_eq!(
+        summary.by_status.get(&200),
+        Some(&total),
+        "every client request answered 200: {:?} {:?}",
+        summary.by_status,
+        summary.transport_error_messages
+    );
+    assert_eq!(summary.transport_errors, 0);
+    assert_eq!(
+        stats.total_requests, total as u64,
+        "each request reached the upstream once"
+    );
+    assert!(
+        latency < Duration::from_millis(1500),
+        "reload latency {latency:?}"
+    );
+    assert!(!before.is_empty(), "a whole second at 20/s: {before:?}");
+    for &(second, n) in &before {
+        assert!(
+            (16..=22).contains(&n),
+            "second {second}: {n} requests at 20/s"
+        );
+    }
+    assert!(after.len() >= 4, "whole seconds at 100/s: {after:?}");
+    for &(second, n) in &after {
+        assert!(
+            (85..=102).contains(&n),
+            "second {second}: {n} requests at 100/s"
+        );
+    }
+    assert!(after_broken.len() >= 2, "{after_broken:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let mut proxy = ProxyProcess::start(&presence("2/s"), emu.local_addr()).await;
+    let upstream = emu.local_addr();
+    assert_eq!(configured_rate(&proxy, "presence").await, 2.0);
+
+    // SIGHUP: the file changed in a way the watcher cannot see; only the signal applies it.
+    write_unwatched(&proxy, &presence("90/s"), upstream);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        configured_rate(&proxy, "presence").await,
+        2.0,
+        "the watcher did not see the unwatched rewrite"
+    );
+    proxy.signal("HUP");
+    wait_for_rate(&proxy, "presence", 90.0, Duration::from_secs(5)).await;
+    wait_for_log(&proxy, |l| {
+        l.contains("config reloaded") && l.contains(r#"trigger="SIGHUP" changed=true"#)
+    })
+    .await;
+    // In force, not only shown: 10 requests at once pass in well under the 4.5 s 2/s needs.
+    let t = Instant::now();
+    let burst: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(patch(proxy.addr, i)))
+        .collect();
+    for h in burst {
+        assert_eq!(h.await.unwrap().unwrap().status, 200);
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // SIGHUP with a broken file: refused, counted, logged with its error, 90/s stays.
+    let failures = reloads(&proxy, "failure").await;
+    write_unwatched(&proxy, &broken("2/s"), upstream);
+    proxy.signal("HUP");
+    wait_for_reloads(&proxy, "failure", failures + 1.0, Duration::from_secs(5)).await;
+    assert_eq!(configured_rate(&proxy, "presence").await, 90.0);
+    wait_for_log(&proxy, |l| {
+        l.contains(r#"routes[0].budgets[0]: unknown budget "absentee" at line 11"#)
+    })
+    .await;
+
+    // POST /-/reload: the same, answered synchronously.
+    write_unwatched(&proxy, &presence("5/s"), upstream);
+    let a = post_reload(&proxy, None).await;
+    assert_eq!(a.status, 200, "{}", body_text(&a));
+    assert!(body_text(&a).starts_with("reloaded: "), "{}", body_text(&a));
+    assert_eq!(configured_rate(&proxy, "presence").await, 5.0);
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_budget_configured_rate{budget="presence"}"#)
+            .await,
+        5.0
+    );
+
+    let failures = reloads(&proxy, "failure").await;
+    write_unwatched(&proxy, &broken("90/s"), upstream);
+    let a = post_reload(&proxy, None).await;
+    let body = body_text(&a);
+    assert_eq!(a.status, 400, "{body}");
+    assert!(body.contains("old one stays in force"), "{body}");
+    assert!(
+        body.contains(r#"routes[0].budgets[0]: unknown budget "absentee" at line 11"#),
+        "{body}"
+    );
+    assert_eq!(reloads(&proxy, "failure").await, failures + 1.0);
+    assert_eq!(configured_rate(&proxy, "presence").await, 5.0);
+    let s = status_json(&proxy).await;
+    assert_eq!(s["last_reload_ok"], false);
+
+    // Still serving, at the old config's rate.
+    assert_eq!(patch(proxy.addr, 1).await.unwrap().status, 200);
+    assert_eq!(proxy.wait_exit(Duration::ZERO), None, "still running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_needs_the_admin_token_when_one_is_configured() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let upstream = emu.local_addr();
+    let token_cfg = |rate: &str| {
+        config(
+            rate,
+            1,
+            "presence",
+            "/api/**",
+            "admin_token_env: SHIFTGATE_ADMIN_TOKEN",
+        )
+    };
+    let proxy = ProxyProcess::start_with(
+        &token_cfg("2/s"),
+        upstream,
+        &[("SHIFTGATE_ADMIN_TOKEN", "s3cret")],
+    )
+    .await;
+    write_unwatched(&proxy, &token_cfg("7/s"), upstream);
+    let successes = reloads(&proxy, "success").await;
+    let failures = reloads(&proxy, "failure").await;
+
+    for token in [None, Some("wrong"), Some("s3cre"), Some("s3cret2")] {
+        let a = post_reload(&proxy, token).await;
+        assert_eq!(a.status, 401, "token {token:?}: {}", body_text(&a));
+    }
+    // A token sent some other way than as a bearer does not count either.
+    let a = request(
+        proxy.admin,
+        Method::POST,
+        "/-/reload",
+        &[("Authorization", "s3cret")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 401);
+    assert_eq!(
+        configured_rate(&proxy, "presence").await,
+        2.0,
+        "nothing changed"
+    );
+    assert_eq!(reloads(&proxy, "success").await, successes);
+    assert_eq!(reloads(&proxy, "failure").await, failures);
+
+    let a = post_reload(&proxy, Some("s3cret")).await;
+    assert_eq!(a.status, 200, "{}", body_text(&a));
+    assert_eq!(configured_rate(&proxy, "presence").await, 7.0);
+    assert_eq!(reloads(&proxy, "success").await, successes + 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_budget_keeps_its_state_across_a_reload_and_nothing_is_sent_twice() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let upstream = emu.local_addr();
+    let proxy = ProxyProcess::start(
+        &config("2/s", 1, "presence", "/api/**", "workers: 2"),
+        upstream,
+    )
+    .await;
+    emu.reset_stats();
+
+    // 6 requests wait on 2/s, burst 1: grants at 0, 0.5, 1.0 ... 2.5 s.
+    let t0 = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..6 {
+        let addr = proxy.addr;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let a = patch(addr, i).await;
+            let _ = tx.send((t0.elapsed(), a));
+        });
+    }
+    drop(tx);
+    let mut answers = Vec::new();
+    // Reload right after the second grant: a budget rebuilt by the reload would grant the
+    // third request at once instead of 500 ms after the second.
+    for _ in 0..2 {
+        answers.push(rx.recv().await.unwrap());
+    }
+    proxy.replace_config(
+        &config("2/s", 1, "presence", "/api/v2/**", "workers: 2"),
+        upstream,
+    );
+    let a = post_reload(&proxy, None).await;
+    let reloaded_at = t0.elapsed();
+    assert_eq!(a.status, 200, "{}", body_text(&a));
+    let s = status_json(&proxy).await;
+    assert_eq!(
+        s["routes"][1]["path"], "/api/v2/**",
+        "the route change applied"
+    );
+    while let Some(x) = rx.recv().await {
+        answers.push(x);
+    }
+    let times: Vec<Duration> = answers
+        .iter()
+        .map(|(t, a)| {
+            assert_eq!(a.as_ref().unwrap().status, 200);
+            *t
+        })
+        .collect();
+    let gaps: Vec<u128> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    println!(
+        "FIGURES budget-state: reload at {} ms, answers at {:?} ms, gaps {gaps:?} ms",
+        reloaded_at.as_millis(),
+        times.iter().map(|t| t.as_millis()).collect::<Vec<_>>()
+    );
+    // 500 ms nominal; a fresh bucket would answer the third within a few ms of the reload.
+    for (i, g) in gaps.iter().enumerate() {
+        assert!(*g >= 400, "gap {i}: {g} ms between grants at 2/s: {gaps:?}");
+    }
+
+    // Keys that need a restart are reported; the rest (the new rate) still applies.
+    let other_listen = format!("127.0.0.1:{}", free_port());
+    let other_admin = format!("127.0.0.1:{}", free_port());
+    let restart_cfg = config("4/s", 1, "presence", "/api/v2/**", "workers: 3")
+        .replace("@LISTEN@", &other_listen)
+        .replace("@ADMIN@", &other_admin);
+    proxy.replace_config(&restart_cfg, upstream);
+    let a = post_reload(&proxy, None).await;
+    let body = body_text(&a);
+    assert_eq!(a.status, 200, "{body}");
+    assert!(
+        body.contains("needs a restart to take effect: listen, admin_listen, workers"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("listening on {}", proxy.addr)),
+        "{body}"
+    );
+    assert_eq!(configured_rate(&proxy, "presence").await, 4.0);
+    assert_eq!(patch(proxy.addr, 9).await.unwrap().status, 200);
+    assert!(
+        tokio::net::TcpStream::connect(&other_listen).await.is_err(),
+        "the new listen address is not served before a restart"
+    );
+
+    // Every client request reached the upstream exactly once.
+    let stats = emu.stats();
+    assert_eq!(stats.total_requests, 7, "{:?}", stats.by_route);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let mut proxy = ProxyProcess::start(
+        &config(
+            "10/s",
+            1,
+            "presence",
+            "/api/**",
+            "shutdown: { drain_timeout: \"3s\" }",
+        ),
+        emu.local_addr(),
+    )
+    .await;
+
+    // 101 requests: one is sent at once, 100 wait.
+    let n = 101;
+    let t0 = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let addr = proxy.addr;
+        handles.push(tokio::spawn(async move {
+            let a = patch(addr, i).await;
+            (t0.elapsed(), a)
+        }));
+    }
+    let t = Instant::now();
+    loop {
+        let s = status_json(&proxy).await;
+        if s["queue_depth"].as_u64().unwrap() + emu.stats().total_requests >= n as u64 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{s}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waiting = status_json(&proxy).await["queue_depth"].as_u64().unwrap();
+
+    proxy.signal("TERM");
+    let signalled = t0.elapsed();
+    let r = get(proxy.admin, "/readyz").await.expect("readyz answers");
+    let readyz_after = t0.elapsed() - signalled;
+    let readyz_status = r.status.as_u16();
+    // Poll a little longer: it must not come back.
+    let mut readyz_503 = readyz_status == 503;
+    if !readyz_503 {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if get(proxy.admin, "/readyz").await.unwrap().status == 503 {
+                readyz_503 = true;
+                break;
+            }
+        }
+    }
+
+    // New requests during the drain are refused at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let t = Instant::now();
+        let a = patch(proxy.addr, 1000 + i).await.expect("an answer");
+        let took = t.elapsed();
+        assert_own_answer(&a, 503, "shiftgate.shutting.down");
+        assert!(header(&a, "Retry-After").unwrap().parse::<u64>().unwrap() >= 1);
+        assert!(took < Duration::from_millis(500), "refused after {took:?}");
+        assert_eq!(header(&a, "Connection"), Some("close"));
+    }
+
+    let mut ok_after_signal = 0;
+    let mut ok_before_signal = 0;
+    let mut refused = 0;
+    let mut errors = Vec::new();
+    let mut last_answer = Duration::ZERO;
+    for h in handles {
+        let (at, a) = h.await.unwrap();
+        last_answer = last_answer.max(at);
+        match a {
+            Ok(a) if a.status == 200 => {
+                if at > signalled {
+                    // The process stops soon: no keep-alive client should send its next
+                    // request into this connection (50 ms for the signal to be handled).
+                    if at > signalled + Duration::from_millis(50) {
+                        assert_eq!(
+                            header(&a, "Connection"),
+                            Some("close"),
+                            "answered {at:?}, signalled {signalled:?}"
+                        );
+                    }
+                    ok_after_signal += 1;
+                } else {
+                    ok_before_signal += 1;
+                }
+            }
+            Ok(a) => {
+                assert_own_answer(&a, 503, "shiftgate.shutting.down");
+                let ra: u64 = header(&a, "Retry-After")
+                    .expect("Retry-After")
+                    .parse()
+                    .unwrap();
+                assert!(ra >= 1);
+                assert_eq!(header(&a, "Connection"), Some("close"));
+                assert!(
+                    at >= signalled + Duration::from_millis(2900),
+                    "503 only once the drain timed out: at {at:?}"
+                );
+                refused += 1;
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    let code = tokio::task::block_in_place(|| proxy.wait_exit(Duration::from_secs(15)));
+    let exited = t0.elapsed();
+    println!(
+        "FIGURES drain: {waiting} waiting at SIGTERM; /readyz {readyz_status} {} ms after the signal; \
+         200 after the signal {ok_after_signal} (before {ok_before_signal}), 503 {refused}, \
+         unanswered {}; last answer {:.2} s after the signal; exit {} ms after the last answer (code {code:?})",
+        readyz_after.as_millis(),
+        errors.len(),
+        (last_answer - signalled).as_secs_f64(),
+        exited.saturating_sub(last_answer).as_millis(),
+    );
+    assert!(readyz_503, "/readyz turned 503 at once");
+    assert!(errors.is_empty(), "unanswered: {errors:?}");
+    assert_eq!(ok_before_signal + ok_after_signal + refused, n);
+    // 3 s at 10/s
+    assert!(
+        (25..=35).contains(&ok_after_signal),
+        "{ok_after_signal} answered 200 during the drain"
+    );
+    assert_eq!(code, Some(0), "exited cleanly; log:\n{}", proxy.logs());
+    assert!(
+        exited - last_answer < Duration::from_secs(2),
+        "exit {:?} after the last answer",
+        exited - last_answer
+    );
+    assert_eq!(
+        emu.stats().total_requests as usize,
+        ok_before_signal + ok_after_signal,
+        "no 503'd request was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_under_load_loses_no_request() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let mut proxy = ProxyProcess::start(&presence("100/s"), emu.local_addr()).await;
+    emu.reset_stats();
+
+    // 20 agents through 100/s for ~11 s: the old process serves ~3 s, both ~5 s, the new ~3 s.
+    let agents = 20;
+    let loops = 55;
+    let t0 = Instant::now();
+    let run = tokio::spawn(loadtest::run(load(proxy.url(), agents, loops), None));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The new process first: it listens on the upgrade socket for the old one's fds.
+    let new = proxy.spawn(true, &[]);
+    // Meanwhile the admin port keeps answering at once (the new process is still waiting
+    // for the sockets and must not hold admin connections it cannot serve yet).
+    let mut slowest_admin = Duration::ZERO;
+    let overlap = Instant::now();
+    while overlap.elapsed() < Duration::from_secs(1) {
+        let t = Instant::now();
+        let a = tokio::time::timeout(Duration::from_secs(5), get(proxy.admin, "/healthz")).await;
+        assert!(matches!(a, Ok(Ok(ref a)) if a.status == 200), "{a:?}");
+        slowest_admin = slowest_admin.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.signal("QUIT");
+    let quit_at = t0.elapsed();
+
+    let old = proxy.child.replace(new).expect("old process");
+    let mut old = OldProcess(Some(old));
+    let old_exit = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let child = old.0.as_mut().unwrap();
+        while Instant::now() < deadline {
+            if let Some(st) = child.try_wait().unwrap() {
+                return (Some(st.code()), t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (None, t0.elapsed())
+    });
+
+    let result = run.await.unwrap().unwrap();
+    let summary = result.summary();
+    let (old_code, old_exited) = old_exit.await.unwrap();
+    let load_ended = t0.elapsed();
+    println!(
+        "FIGURES upgrade: errors={} answers {:?} messages {:?}; SIGQUIT at {:.2} s, old exited at {:.2} s ({:?}), load ended at {:.2} s; connections opened {}; slowest /healthz before the handover {} ms",
+        summary.transport_errors,
+        summary.by_status,
+        summary.transport_error_messages,
+        quit_at.as_secs_f64(),
+        old_exited.as_secs_f64(),
+        old_code,
+        load_ended.as_secs_f64(),
+        summary.connections,
+        slowest_admin.as_millis()
+    );
+    assert_eq!(
+        summary.transport_errors,
+        0,
+        "{:?}; log:\n{}",
+        summary.transport_error_messages,
+        proxy.logs()
+    );
+    assert_eq!(summary.by_status.get(&200), Some(&(agents * loops)));
+    assert_eq!(
+        old_code,
+        Some(Some(0)),
+        "the old process exited; log:\n{}",
+        proxy.logs()
+    );
+    assert!(
+        old_exited < load_ended,
+        "the old process left while the load ran"
+    );
+    // The new one serves afterwards, on the same ports.
+    assert_eq!(patch(proxy.addr, 1).await.unwrap().status, 200);
+    assert_eq!(get(proxy.admin, "/readyz").await.unwrap().status, 200);
+    assert_eq!(
+        proxy.wait_exit(Duration::ZERO),
+        None,
+        "the new process runs"
+    );
+    assert_eq!(
+        emu.stats().total_requests as usize,
+        agents * loops + 1,
+        "each request reached the upstream once"
+    );
+}
+
+/// The old process of an upgrade, killed if the test fails before it exits.
+struct OldProcess(Option<std::process::Child>);
+
+impl Drop for OldProcess {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
