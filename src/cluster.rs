@@ -70,7 +70,8 @@ pub struct RedisStore {
 impl RedisStore {
     /// No connection is made here: the first lease makes it, on the proxy's runtime.
     pub fn new(url: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(RedisStore {
             client,
             conn: OnceCell::new(),
@@ -140,7 +141,9 @@ impl SlotStore for RedisStore {
         let mut conn = self.conn().await?;
         let (lowered, ceiling) = req
             .lowered
-            .map_or((String::new(), String::new()), |(l, c)| (l.to_string(), c.to_string()));
+            .map_or((String::new(), String::new()), |(l, c)| {
+                (l.to_string(), c.to_string())
+            });
         let _: i64 = self
             .throttle
             .key(&req.key)

@@ -15,7 +15,8 @@
 //! - [`server`]: wiring: Pingora services, signals, drain.
 //! - [`emulator`]: a stand-in for the Genesys API, for tests and load tests.
 //! - [`loadtest`]: the shift-change load generator and the HTTP client of the tests.
-//! - [`demo`]: emulator and proxy in one process, the same shift change with and without.
+//! - [`demo`]: the emulator in-process and the proxy as a child process: one shift change
+//!   straight at the API and through the proxy, side by side.
 
 pub mod admin;
 pub mod answers;

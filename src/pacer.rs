@@ -21,7 +21,8 @@
 //! scheduler task sleeps until the next time a bucket conforms, or until woken by an arrival,
 //! a cancellation, a throttle or a reload.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -298,7 +299,12 @@ impl Bucket {
         let local = self.gcra.earliest(&self.limit(now)).max(self.paused_until);
         match self.shared.as_ref().filter(|l| l.leasing) {
             Some(l) => {
-                let slot = l.slots.front().copied().unwrap_or(NEVER).max(self.paused_until);
+                let slot = l
+                    .slots
+                    .front()
+                    .copied()
+                    .unwrap_or(NEVER)
+                    .max(self.paused_until);
                 // In the grace period after an outage, also within our own share.
                 if l.divisor > 1.0 {
                     slot.max(local)
@@ -329,7 +335,9 @@ impl Bucket {
             return None;
         }
         let per_horizon = (LEASE_HORIZON / limit.interval.max(1)).max(1) as usize;
-        let count = (waiting - l.slots.len()).min(per_horizon).min(LEASE_MAX as usize) as u32;
+        let count = (waiting - l.slots.len())
+            .min(per_horizon)
+            .min(LEASE_MAX as usize) as u32;
         l.fetching = true;
         Some(LeaseRequest {
             key: l.key.clone(),
@@ -369,7 +377,15 @@ struct State {
     specs: HashMap<Arc<str>, BudgetSpec>,
     buckets: HashMap<BucketKey, Bucket>,
     waiters: HashMap<u64, Waiter>,
-    /// Buckets that are some waiter's first bucket and have a queue: where candidates are.
+    /// Release candidates, in order: the head of each bucket's `firsts`.
+    candidates: BTreeSet<(OrderKey, u64)>,
+    /// How many candidates need each bucket: a scan stops at a blocked bucket that every
+    /// remaining candidate needs.
+    need: HashMap<BucketKey, usize>,
+    /// Buckets with requests waiting on them (where leases may be needed).
+    active: HashSet<BucketKey>,
+    /// Retries with a deadline, by deadline.
+    deadlines: BTreeSet<(Nanos, u64)>,
     next_id: u64,
     max_depth: usize,
     aging: Nanos,
@@ -437,6 +453,10 @@ impl Pacer {
                     .collect(),
                 buckets: HashMap::new(),
                 waiters: HashMap::new(),
+                candidates: BTreeSet::new(),
+                need: HashMap::new(),
+                active: HashSet::new(),
+                deadlines: BTreeSet::new(),
                 next_id: 0,
                 max_depth,
                 aging: aging.as_nanos() as Nanos,
@@ -460,7 +480,12 @@ impl Pacer {
 
     /// Cluster mode: every bucket leases its slots from `store` (keys under `prefix`), and
     /// paces locally at `1 / fallback_replicas` of its rate while the store is unreachable.
-    pub fn with_store(self, store: Arc<dyn SlotStore>, prefix: &str, fallback_replicas: u32) -> Pacer {
+    pub fn with_store(
+        self,
+        store: Arc<dyn SlotStore>,
+        prefix: &str,
+        fallback_replicas: u32,
+    ) -> Pacer {
         self.lock().cluster = Some(Cluster {
             store,
             prefix: prefix.to_string(),
@@ -519,7 +544,11 @@ impl Pacer {
                         slots: VecDeque::new(),
                         fetching: false,
                         leasing: c.up,
-                        divisor: if c.up { 1.0 } else { f64::from(c.fallback_replicas) },
+                        divisor: if c.up {
+                            1.0
+                        } else {
+                            f64::from(c.fallback_replicas)
+                        },
                         grace_until: 0,
                     });
                 }
@@ -564,13 +593,20 @@ impl Pacer {
                 .expect("inserted above")
                 .queue
                 .insert(order, id);
+            st.active.insert(b.clone());
         }
-        if let Some(first) = demand.buckets.first() {
-            st.buckets
-                .get_mut(first)
-                .expect("inserted above")
-                .firsts
-                .insert(order, id);
+        if let Some(first) = demand.buckets.first().cloned() {
+            st.waiters.insert(
+                id,
+                Waiter {
+                    order,
+                    buckets: demand.buckets,
+                    tx,
+                    arrived: now_i,
+                    not_after,
+                },
+            );
+            st.firsts_insert(&first, order, id);
         } else {
             // Nothing to wait for.
             drop(st);
@@ -587,16 +623,9 @@ impl Pacer {
                 predicted: Duration::ZERO,
             });
         }
-        st.waiters.insert(
-            id,
-            Waiter {
-                order,
-                buckets: demand.buckets,
-                tx,
-                arrived: now_i,
-                not_after,
-            },
-        );
+        if let Some(t) = not_after {
+            st.deadlines.insert((t, id));
+        }
         let wake = st.pass(now, self);
         let start = !st.scheduler_started;
         st.scheduler_started = true;
@@ -659,7 +688,11 @@ impl Pacer {
             }
         }
         let wake = st.pass(now, self);
-        let store = st.cluster.as_ref().filter(|c| c.up).map(|c| c.store.clone());
+        let store = st
+            .cluster
+            .as_ref()
+            .filter(|c| c.up)
+            .map(|c| c.store.clone());
         drop(st);
         self.reschedule(wake);
         if let (Some(store), Ok(rt)) = (store, tokio::runtime::Handle::try_current()) {
@@ -1009,14 +1042,81 @@ impl State {
     }
 
     fn remove(&mut self, id: u64) -> Option<Waiter> {
+        let (first, order) = {
+            let w = self.waiters.get(&id)?;
+            (w.buckets.first().cloned(), w.order)
+        };
+        if let Some(first) = first {
+            self.firsts_remove(&first, &order);
+        }
         let w = self.waiters.remove(&id)?;
         for b in &w.buckets {
             if let Some(bucket) = self.buckets.get_mut(b) {
                 bucket.queue.remove(&w.order);
-                bucket.firsts.remove(&w.order);
+                if bucket.queue.is_empty() {
+                    self.active.remove(b);
+                }
             }
         }
+        if let Some(t) = w.not_after {
+            self.deadlines.remove(&(t, id));
+        }
         Some(w)
+    }
+
+    fn head(&self, key: &BucketKey) -> Option<(OrderKey, u64)> {
+        self.buckets[key]
+            .firsts
+            .first_key_value()
+            .map(|(o, i)| (*o, *i))
+    }
+
+    /// Adds a waiter to a bucket's `firsts`, keeping the candidate index in step.
+    fn firsts_insert(&mut self, key: &BucketKey, order: OrderKey, id: u64) {
+        let before = self.head(key);
+        self.buckets
+            .get_mut(key)
+            .expect("bucket exists")
+            .firsts
+            .insert(order, id);
+        self.head_changed(key, before);
+    }
+
+    fn firsts_remove(&mut self, key: &BucketKey, order: &OrderKey) {
+        if !self.buckets.contains_key(key) {
+            return;
+        }
+        let before = self.head(key);
+        self.buckets
+            .get_mut(key)
+            .expect("checked")
+            .firsts
+            .remove(order);
+        self.head_changed(key, before);
+    }
+
+    fn head_changed(&mut self, key: &BucketKey, before: Option<(OrderKey, u64)>) {
+        let after = self.head(key);
+        if before == after {
+            return;
+        }
+        if let Some(h) = before {
+            self.candidates.remove(&h);
+            for b in &self.waiters[&h.1].buckets {
+                if let Some(n) = self.need.get_mut(b) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.need.remove(b);
+                    }
+                }
+            }
+        }
+        if let Some(h) = after {
+            self.candidates.insert(h);
+            for b in &self.waiters[&h.1].buckets {
+                *self.need.entry(b.clone()).or_insert(0) += 1;
+            }
+        }
     }
 
     /// Predicted start of a request with `order` on `buckets`: each bucket's state plus one
@@ -1040,9 +1140,15 @@ impl State {
     /// also asks for the leases that buckets with waiters need.
     fn pass(&mut self, now: Nanos, pacer: &Pacer) -> Option<Nanos> {
         let wake = self.release(now, pacer);
-        if let Some(store) = self.cluster.as_ref().filter(|c| c.up).map(|c| c.store.clone()) {
+        if let Some(store) = self
+            .cluster
+            .as_ref()
+            .filter(|c| c.up)
+            .map(|c| c.store.clone())
+        {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                for (key, b) in self.buckets.iter_mut() {
+                for key in &self.active {
+                    let b = self.buckets.get_mut(key).expect("active bucket exists");
                     if let Some(req) = b.lease_needed(now) {
                         rt.spawn(pacer.clone().fetch(key.clone(), req, store.clone()));
                     }
@@ -1052,68 +1158,68 @@ impl State {
         wake
     }
 
+    /// One scan of the candidates in order. A candidate that cannot go claims the buckets it
+    /// could take (see the module doc); one that can is released, and the scan goes on after
+    /// it: releasing it changes only its own buckets, and the candidate that replaces it comes
+    /// later in the order. So a pass costs one visit per candidate, however many are blocked.
     fn release(&mut self, now: Nanos, pacer: &Pacer) -> Option<Nanos> {
         self.expire(now);
+        let mut wake: Option<Nanos> = self.deadlines.first().map(|(t, _)| *t);
+        let mut claimed: HashSet<BucketKey> = HashSet::new();
+        let mut cursor: Option<(OrderKey, u64)> = None;
         loop {
-            // Candidates: per bucket, the first waiter whose first bucket it is.
-            let mut candidates: Vec<(OrderKey, u64)> = self
-                .buckets
-                .values()
-                .filter_map(|b| b.firsts.first_key_value().map(|(o, id)| (*o, *id)))
-                .collect();
-            if candidates.is_empty() {
-                if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY {
-                    self.sweep(now);
-                }
-                return None;
-            }
-            candidates.sort_unstable();
-            let mut claimed: Vec<&BucketKey> = Vec::new();
-            let mut release = None;
-            let mut wake: Option<Nanos> = None;
-            for (_, id) in &candidates {
-                let w = &self.waiters[id];
-                let mut all = true;
-                for key in &w.buckets {
-                    let b = &self.buckets[key];
-                    if claimed.contains(&key) {
-                        all = false;
-                        break;
-                    }
-                    if !b.conforms(now) {
-                        wake = Some(wake.map_or(b.ready_at(now), |x| x.min(b.ready_at(now))));
-                        all = false;
-                        break;
-                    }
-                    claimed.push(key);
-                }
-                if let Some(na) = w.not_after {
-                    wake = Some(wake.map_or(na, |x| x.min(na)));
-                }
-                if all {
-                    release = Some(*id);
+            let next = match cursor {
+                None => self.candidates.first().copied(),
+                Some(c) => self
+                    .candidates
+                    .range((Bound::Excluded(c), Bound::Unbounded))
+                    .next()
+                    .copied(),
+            };
+            let Some((order, id)) = next else { break };
+            cursor = Some((order, id));
+            let w = &self.waiters[&id];
+            let mut ready = true;
+            let mut mine = Vec::new();
+            let mut blocked_by = None;
+            for key in &w.buckets {
+                if claimed.contains(key) {
+                    blocked_by = Some(key);
+                    ready = false;
                     break;
                 }
-            }
-            let Some(id) = release else {
-                if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY {
-                    self.sweep(now);
+                let b = &self.buckets[key];
+                if !b.conforms(now) {
+                    let at = b.ready_at(now);
+                    wake = Some(wake.map_or(at, |x| x.min(at)));
+                    blocked_by = Some(key);
+                    ready = false;
+                    break;
                 }
-                return wake;
-            };
+                mine.push(key.clone());
+            }
+            if !ready {
+                // Every candidate needs this bucket (a budget shared by all routes): none of
+                // the rest can go either.
+                if blocked_by.is_some_and(|k| self.need.get(k) == Some(&self.candidates.len())) {
+                    break;
+                }
+                claimed.extend(mine);
+                continue;
+            }
             let w = self.remove(id).expect("candidate is waiting");
             // The slot is taken at the time it became free (when the waiter was already
             // there), not at the time the scheduler woke up: timer lateness must not drift the
             // schedule (1 ms late per slot is 10 % at 100/s). Lateness beyond LATE_SLACK (a
             // stalled process) is not caught up, so no burst follows a stall.
             let arrived = self.nanos(w.arrived);
-            let ready = w
+            let ready_at = w
                 .buckets
                 .iter()
                 .map(|k| self.buckets[k].ready_at(now))
                 .max()
                 .unwrap_or(now);
-            let taken_at = ready
+            let taken_at = ready_at
                 .max(arrived)
                 .max(now.saturating_sub(LATE_SLACK))
                 .min(now);
@@ -1137,18 +1243,22 @@ impl State {
                     }
                 }
             }
+            // The bucket that let this one go may let the next candidate go too: look again at
+            // what follows with the claims of those before it still in force.
         }
+        if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY {
+            self.sweep(now);
+        }
+        wake
     }
 
     /// Drops retries whose own deadline has passed (their caller gives up on them).
     fn expire(&mut self, now: Nanos) {
-        let late: Vec<u64> = self
-            .waiters
-            .iter()
-            .filter(|(_, w)| w.not_after.is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
+        while let Some(&(t, id)) = self.deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.deadlines.remove(&(t, id));
             self.remove(id);
         }
     }
@@ -1608,14 +1718,20 @@ mod tests {
         let t0 = Instant::now();
         let pacers: Vec<Pacer> = (0..3)
             .map(|_| {
-                Pacer::new(std::slice::from_ref(&budget), 10_000, Duration::from_secs(10))
-                    .with_store(store.clone(), "test:", 3)
+                Pacer::new(
+                    std::slice::from_ref(&budget),
+                    10_000,
+                    Duration::from_secs(10),
+                )
+                .with_store(store.clone(), "test:", 3)
             })
             .collect();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for (i, p) in pacers.iter().enumerate() {
             for _ in 0..waiters[i] {
-                let t = p.admit(demand(p, &[(budget.name.as_str(), None)], Priority::Normal)).unwrap();
+                let t = p
+                    .admit(demand(p, &[(budget.name.as_str(), None)], Priority::Normal))
+                    .unwrap();
                 spawn_waiter(t, i, t0, tx.clone());
             }
         }
@@ -1632,7 +1748,12 @@ mod tests {
 
     fn max_in_window(grants: &[(usize, Duration)], window: Duration) -> usize {
         (0..grants.len())
-            .map(|i| grants[i..].iter().take_while(|(_, t)| *t < grants[i].1 + window).count())
+            .map(|i| {
+                grants[i..]
+                    .iter()
+                    .take_while(|(_, t)| *t < grants[i].1 + window)
+                    .count()
+            })
             .max()
             .unwrap_or(0)
     }
@@ -1641,9 +1762,12 @@ mod tests {
     async fn replicas_sharing_a_store_stay_within_the_budget_together() {
         let store = Arc::new(crate::store::MemoryStore::default());
         // 60/s shared; load split 60/30/10 % over three replicas
-        let grants = run_replicas(store.clone(), spec("g", 60.0, 1, Per::Global), [180, 90, 30], |_| {
-            tokio::spawn(async {})
-        })
+        let grants = run_replicas(
+            store.clone(),
+            spec("g", 60.0, 1, Per::Global),
+            [180, 90, 30],
+            |_| tokio::spawn(async {}),
+        )
         .await;
         assert_eq!(grants.len(), 300);
         assert!(max_in_window(&grants, Duration::from_secs(1)) <= 61);
@@ -1651,22 +1775,31 @@ mod tests {
         // ideal: 300 / 60 = 5 s
         assert!(done <= Duration::from_millis(5_500), "{done:?}");
         // leases, not a store call per request
-        assert!(store.calls() < 150, "{} store calls for 300 requests", store.calls());
+        assert!(
+            store.calls() < 150,
+            "{} store calls for 300 requests",
+            store.calls()
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_the_store_each_replica_keeps_its_share_and_shares_again_when_it_is_back() {
         let store = Arc::new(crate::store::MemoryStore::default());
         let s2 = store.clone();
-        let grants = run_replicas(store.clone(), spec("g", 30.0, 1, Per::Global), [60, 60, 60], move |pacers| {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                s2.set_down(true);
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                assert_eq!(pacers[0].store_status().map(|s| s.0), Some(false));
-                s2.set_down(false);
-            })
-        })
+        let grants = run_replicas(
+            store.clone(),
+            spec("g", 30.0, 1, Per::Global),
+            [60, 60, 60],
+            move |pacers| {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    s2.set_down(true);
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    assert_eq!(pacers[0].store_status().map(|s| s.0), Some(false));
+                    s2.set_down(false);
+                })
+            },
+        )
         .await;
         assert_eq!(grants.len(), 180, "nothing failed because of the store");
         // While down (1.5 s .. 3 s): each replica at 10/s, together 30/s.
@@ -1676,7 +1809,10 @@ mod tests {
             .collect();
         for r in 0..3 {
             let n = during.iter().filter(|(i, _)| *i == r).count();
-            assert!((13..=17).contains(&n), "replica {r}: {n} grants in 1.5 s at 10/s");
+            assert!(
+                (13..=17).contains(&n),
+                "replica {r}: {n} grants in 1.5 s at 10/s"
+            );
         }
         assert!(max_in_window(&grants, Duration::from_secs(1)) <= 33);
     }
@@ -1684,13 +1820,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_throttle_seen_by_one_replica_pauses_the_others() {
         let store = Arc::new(crate::store::MemoryStore::default());
-        let grants = run_replicas(store.clone(), spec("g", 50.0, 1, Per::Global), [50, 50, 50], |pacers| {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let key = pacers[0].bucket_key("g", None);
-                pacers[0].throttle(&[key], Some(Duration::from_secs(2)), Duration::from_secs(2), Instant::now());
-            })
-        })
+        let grants = run_replicas(
+            store.clone(),
+            spec("g", 50.0, 1, Per::Global),
+            [50, 50, 50],
+            |pacers| {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let key = pacers[0].bucket_key("g", None);
+                    pacers[0].throttle(
+                        &[key],
+                        Some(Duration::from_secs(2)),
+                        Duration::from_secs(2),
+                        Instant::now(),
+                    );
+                })
+            },
+        )
         .await;
         // From 1 s to 3 s, only slots leased before the throttle (at most one horizon's worth
         // per replica) may still be used.
@@ -1698,7 +1844,11 @@ mod tests {
             .iter()
             .filter(|(_, t)| *t > Duration::from_millis(1000) && *t < Duration::from_millis(3000))
             .collect();
-        assert!(paused.len() <= 6, "{} grants during the pause: {paused:?}", paused.len());
+        assert!(
+            paused.len() <= 6,
+            "{} grants during the pause: {paused:?}",
+            paused.len()
+        );
         assert_eq!(grants.len(), 150);
     }
 

@@ -118,7 +118,14 @@ impl MemoryStore {
 /// The lease arithmetic, shared by [`MemoryStore`] and documented for the Redis script:
 /// each slot starts at `max(now, tat − τ, paused_until)` and moves `tat` to
 /// `max(tat, start) + T`. Returns the slot starts.
-pub fn lease_slots(tat: &mut u64, paused_until: u64, now: u64, interval: u64, tolerance: u64, count: u32) -> Vec<u64> {
+pub fn lease_slots(
+    tat: &mut u64,
+    paused_until: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    count: u32,
+) -> Vec<u64> {
     (0..count)
         .map(|_| {
             let start = now.max(tat.saturating_sub(tolerance)).max(paused_until);
@@ -143,7 +150,10 @@ impl SlotStore for MemoryStore {
             req.count,
         );
         Ok(Lease {
-            slots: slots.into_iter().map(|s| Duration::from_nanos(s - now)).collect(),
+            slots: slots
+                .into_iter()
+                .map(|s| Duration::from_nanos(s - now))
+                .collect(),
             paused_for: Duration::from_nanos(b.paused_until.saturating_sub(now)),
             adaptive: b.adaptive.map(|(lowered, ceiling, at)| SharedAdaptive {
                 lowered,

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use shiftgate::loadtest::{self, Endpoint, LoadSpec, LoadResult};
+use shiftgate::loadtest::{self, Endpoint, LoadResult, LoadSpec};
 
 /// A redis-server on a free loopback port, killed on drop.
 struct Redis {
@@ -31,7 +31,16 @@ impl Redis {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -67,7 +76,14 @@ impl Redis {
         let info = self.cli(&["INFO", "commandstats"]);
         info.lines()
             .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
             .sum()
     }
 
@@ -106,10 +122,19 @@ queue:
 }
 
 fn cluster_block(redis: &Redis) -> String {
-    format!("cluster:\n  redis_url: \"{}\"\n  key_prefix: \"test:\"\n  fallback_replicas: 3\n", redis.url())
+    format!(
+        "cluster:\n  redis_url: \"{}\"\n  key_prefix: \"test:\"\n  fallback_replicas: 3\n",
+        redis.url()
+    )
 }
 
-fn load(target: String, agents: usize, loops: usize, tokens: usize, endpoint: Endpoint) -> LoadSpec {
+fn load(
+    target: String,
+    agents: usize,
+    loops: usize,
+    tokens: usize,
+    endpoint: Endpoint,
+) -> LoadSpec {
     LoadSpec {
         target,
         agents,
@@ -146,14 +171,27 @@ route_limits:
 "#,
     )
     .await;
-    let cfg = config("  presence: { rate: \"60/s\" }", "[presence]", &cluster_block(&redis));
+    let cfg = config(
+        "  presence: { rate: \"60/s\" }",
+        "[presence]",
+        &cluster_block(&redis),
+    );
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     emu.reset_stats();
     let calls_before = redis.script_calls();
     // 600 requests split 60 / 30 / 10 % over the replicas: ideal 10 s at 60/s.
     let started = Instant::now();
     let runs = [(0, 60), (1, 30), (2, 10)].map(|(i, agents)| {
-        tokio::spawn(loadtest::run(load(replicas[i].url(), agents, 6, agents, Endpoint::PresencePatch), None))
+        tokio::spawn(loadtest::run(
+            load(
+                replicas[i].url(),
+                agents,
+                6,
+                agents,
+                Endpoint::PresencePatch,
+            ),
+            None,
+        ))
     });
     let mut total_ok = 0;
     let mut transport_errors = 0;
@@ -166,18 +204,34 @@ route_limits:
     let stats = emu.stats();
     let ratio = elapsed.as_secs_f64() / 10.0;
     let calls = redis.script_calls() - calls_before;
-    let busiest = stats.timeline.iter().map(|s| s.requests - s.status_429).max().unwrap_or(0);
+    let busiest = stats
+        .timeline
+        .iter()
+        .map(|s| s.requests - s.status_429)
+        .max()
+        .unwrap_or(0);
     println!(
         "FIGURES cluster: completion {:.2}s ratio {ratio:.3}; upstream 429s {}; busiest second {busiest}; redis script calls {calls} ({:.1}/s)",
         elapsed.as_secs_f64(),
         stats.status_count(429),
         calls as f64 / elapsed.as_secs_f64()
     );
-    for s in &stats.timeline { if s.status_429 > 0 { println!("429 in second {} ({} requests)", s.second, s.requests); } }
+    for s in &stats.timeline {
+        if s.status_429 > 0 {
+            println!("429 in second {} ({} requests)", s.second, s.requests);
+        }
+    }
     assert_eq!(total_ok, 600);
     assert_eq!(transport_errors, 0);
-    assert!(stats.status_count(429) <= 6, "upstream 429s {} > 1 %", stats.status_count(429));
-    assert!(busiest <= 61, "the replicas together sent {busiest} in one second");
+    assert!(
+        stats.status_count(429) <= 6,
+        "upstream 429s {} > 1 %",
+        stats.status_count(429)
+    );
+    assert!(
+        busiest <= 61,
+        "the replicas together sent {busiest} in one second"
+    );
     assert!(ratio <= 1.10, "completion {ratio:.3} × ideal");
     for r in &replicas {
         assert_eq!(r.metric("shiftgate_cluster_redis_up").await, 1.0);
@@ -187,14 +241,24 @@ route_limits:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_returns() {
     let mut redis = Redis::start();
-    let emu = emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
-    let cfg = config("  presence: { rate: \"60/s\" }", "[presence]", &cluster_block(&redis));
+    let emu =
+        emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
+    let cfg = config(
+        "  presence: { rate: \"60/s\" }",
+        "[presence]",
+        &cluster_block(&redis),
+    );
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     emu.reset_stats();
     // Equal load on the three replicas for ~12 s.
     let runs: Vec<_> = replicas
         .iter()
-        .map(|r| tokio::spawn(loadtest::run(load(r.url(), 30, 8, 30, Endpoint::PresencePatch), None)))
+        .map(|r| {
+            tokio::spawn(loadtest::run(
+                load(r.url(), 30, 8, 30, Endpoint::PresencePatch),
+                None,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.kill();
@@ -206,14 +270,27 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
     for r in runs {
         let r = r.await.unwrap().unwrap();
         total_ok += ok_count(&r);
-        errors += r.summary().transport_errors + r.summary().by_status.iter().filter(|(s, _)| **s != 200).map(|(_, n)| n).sum::<usize>();
+        errors += r.summary().transport_errors
+            + r.summary()
+                .by_status
+                .iter()
+                .filter(|(s, _)| **s != 200)
+                .map(|(_, n)| n)
+                .sum::<usize>();
     }
     let stats = emu.stats();
     // seconds 4..7 were without Redis: 3 replicas × 20/s
-    let outage: Vec<u64> = stats.timeline.iter().filter(|s| (4..7).contains(&s.second)).map(|s| s.requests).collect();
+    let outage: Vec<u64> = stats
+        .timeline
+        .iter()
+        .filter(|s| (4..7).contains(&s.second))
+        .map(|s| s.requests)
+        .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let up_again = replicas[0].metric("shiftgate_cluster_redis_up").await;
-    let fallback = replicas[0].metric("shiftgate_cluster_fallback_seconds_total").await;
+    let fallback = replicas[0]
+        .metric("shiftgate_cluster_fallback_seconds_total")
+        .await;
     println!("FIGURES redis-outage: per-second upstream rate without Redis {outage:?}; fallback seconds {fallback:.1}");
     assert_eq!(errors, 0, "no client error because of Redis");
     assert_eq!(total_ok, 720);
@@ -225,14 +302,23 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
     }
     // The log says it once per outage.
     let log = replicas[0].logs();
-    assert_eq!(log.matches("shared budget store unreachable").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("shared budget store unreachable").count(),
+        1,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_seen_by_one_replica_pauses_the_other_two() {
     let redis = Redis::start();
-    let emu = emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
-    let cfg = config("  presence: { rate: \"30/s\" }", "[presence]", &cluster_block(&redis));
+    let emu =
+        emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
+    let cfg = config(
+        "  presence: { rate: \"30/s\" }",
+        "[presence]",
+        &cluster_block(&redis),
+    );
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     // Replica 0's agents update one user whose path answers 429 (Retry-After 3) for a while;
     // replicas 1 and 2 update others.
@@ -248,10 +334,18 @@ async fn a_429_seen_by_one_replica_pauses_the_other_two() {
     .unwrap();
     emu.reset_stats();
     emu.add_fault(fault);
-    let r0 = tokio::spawn(loadtest::run(load(replicas[0].url(), 10, 20, 10, victim), None));
+    let r0 = tokio::spawn(loadtest::run(
+        load(replicas[0].url(), 10, 20, 10, victim),
+        None,
+    ));
     let others: Vec<_> = replicas[1..]
         .iter()
-        .map(|r| tokio::spawn(loadtest::run(load(r.url(), 10, 15, 10, Endpoint::PresencePatch), None)))
+        .map(|r| {
+            tokio::spawn(loadtest::run(
+                load(r.url(), 10, 15, 10, Endpoint::PresencePatch),
+                None,
+            ))
+        })
         .collect();
     r0.await.unwrap().unwrap();
     for o in others {
@@ -260,7 +354,12 @@ async fn a_429_seen_by_one_replica_pauses_the_other_two() {
     let stats = emu.stats();
     // The first 429 came at ~2 s with Retry-After 3: the shared budget sends nothing new until
     // ~5 s, apart from slots already leased (at most 100 ms worth per replica).
-    let first_429 = stats.timeline.iter().find(|s| s.status_429 > 0).map(|s| s.second).unwrap();
+    let first_429 = stats
+        .timeline
+        .iter()
+        .find(|s| s.status_429 > 0)
+        .map(|s| s.second)
+        .unwrap();
     let paused: u64 = stats
         .timeline
         .iter()
@@ -268,30 +367,53 @@ async fn a_429_seen_by_one_replica_pauses_the_other_two() {
         .map(|s| s.requests)
         .sum();
     println!("FIGURES shared-throttle: first 429 in second {first_429}; upstream requests in the 2 s after it {paused}");
-    assert!(paused <= 10, "{paused} requests while the shared budget was paused");
+    assert!(
+        paused <= 10,
+        "{paused} requests while the shared budget was paused"
+    );
     for r in &replicas {
-        assert!(r.metric(r#"shiftgate_budget_rate{budget="presence"}"#).await <= 30.0);
+        assert!(
+            r.metric(r#"shiftgate_budget_rate{budget="presence"}"#)
+                .await
+                <= 30.0
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_keeps_its_limit_across_replicas() {
     let redis = Redis::start();
-    let emu = emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
-    let cfg = config("  per-token: { rate: \"20/s\", per: token }", "[per-token]", &cluster_block(&redis));
+    let emu =
+        emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
+    let cfg = config(
+        "  per-token: { rate: \"20/s\", per: token }",
+        "[per-token]",
+        &cluster_block(&redis),
+    );
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     emu.reset_stats();
     // One token through all three replicas: 120 requests at 20/s ≈ 6 s, not 2 s.
     let started = Instant::now();
     let runs: Vec<_> = replicas
         .iter()
-        .map(|r| tokio::spawn(loadtest::run(load(r.url(), 10, 4, 1, Endpoint::PresencePatch), None)))
+        .map(|r| {
+            tokio::spawn(loadtest::run(
+                load(r.url(), 10, 4, 1, Endpoint::PresencePatch),
+                None,
+            ))
+        })
         .collect();
     for r in runs {
         assert_eq!(ok_count(&r.await.unwrap().unwrap()), 40);
     }
     let elapsed = started.elapsed();
-    let busiest = emu.stats().timeline.iter().map(|s| s.requests).max().unwrap();
+    let busiest = emu
+        .stats()
+        .timeline
+        .iter()
+        .map(|s| s.requests)
+        .max()
+        .unwrap();
     println!("FIGURES keyed: 120 requests of one token via 3 replicas in {:.2}s; busiest second {busiest}", elapsed.as_secs_f64());
     assert!(busiest <= 21, "{busiest} in one second for one token");
     assert!(elapsed >= Duration::from_millis(5500), "{elapsed:?}");
@@ -309,12 +431,23 @@ async fn sharing_adds_little_latency_and_few_redis_calls() {
     // A budget far above the load: latency is the proxy's own, not the pacing.
     let budgets = "  presence: { rate: \"1000/s\", burst: 50 }";
     let off = ProxyProcess::start(&config(budgets, "[presence]", ""), emu.local_addr()).await;
-    let on = ProxyProcess::start(&config(budgets, "[presence]", &cluster_block(&redis)), emu.local_addr()).await;
+    let on = ProxyProcess::start(
+        &config(budgets, "[presence]", &cluster_block(&redis)),
+        emu.local_addr(),
+    )
+    .await;
     let spec = |t: String| load(t, 20, 50, 20, Endpoint::PresencePatch);
     // warm both
-    loadtest::run(load(off.url(), 5, 5, 5, Endpoint::PresencePatch), None).await.unwrap();
-    loadtest::run(load(on.url(), 5, 5, 5, Endpoint::PresencePatch), None).await.unwrap();
-    let a = loadtest::run(spec(off.url()), None).await.unwrap().summary();
+    loadtest::run(load(off.url(), 5, 5, 5, Endpoint::PresencePatch), None)
+        .await
+        .unwrap();
+    loadtest::run(load(on.url(), 5, 5, 5, Endpoint::PresencePatch), None)
+        .await
+        .unwrap();
+    let a = loadtest::run(spec(off.url()), None)
+        .await
+        .unwrap()
+        .summary();
     let calls_before = redis.script_calls();
     let t = Instant::now();
     let b = loadtest::run(spec(on.url()), None).await.unwrap().summary();
@@ -327,5 +460,8 @@ async fn sharing_adds_little_latency_and_few_redis_calls() {
         calls as f64 / t.elapsed().as_secs_f64()
     );
     assert_eq!(b.by_status.get(&200), Some(&1000));
-    assert!(p99_on < p99_off + Duration::from_millis(25), "{p99_on:?} vs {p99_off:?}");
+    assert!(
+        p99_on < p99_off + Duration::from_millis(25),
+        "{p99_on:?} vs {p99_off:?}"
+    );
 }

@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""End-to-end comparison, side by side in one run on this machine: a shift change straight at
+the Genesys emulator, with SDK-style retries, through nginx limit_req and through shiftgate; the
+pass-through overhead of shiftgate and nginx proxy_pass; and shiftgate's memory per waiting
+request. Loopback only. Prints Markdown tables and writes target/bench/e2e.json.
+
+Usage: cargo build --release && python3 benches/e2e/compare.py [--quick]
+Needs: nginx and wrk (Debian packages), the release binary.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "target", "release", "shiftgate")
+QUICK = "--quick" in sys.argv
+TMP = tempfile.mkdtemp(prefix="shiftgate-bench-")
+PROCS = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start(cmd, name, env=None):
+    log = open(os.path.join(TMP, name + ".log"), "ab")
+    p = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+    PROCS.append(p)
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def write(name, text):
+    path = os.path.join(TMP, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def http(method, url, body=None):
+    req = urllib.request.Request(url, method=method, data=body)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+class Emulator:
+    def __init__(self, yaml):
+        self.port = free_port()
+        cfg = write(f"emu-{self.port}.yaml", yaml)
+        self.proc = start([BIN, "emulate", "--listen", f"127.0.0.1:{self.port}", "--config", cfg], "emulator")
+        wait_port(self.port)
+
+    def reset(self):
+        http("POST", f"http://127.0.0.1:{self.port}/_emulator/stats/reset", b"")
+
+    def stats(self):
+        return http("GET", f"http://127.0.0.1:{self.port}/_emulator/stats")
+
+
+def shiftgate(upstream_port, budget=None, workers=2, extra=""):
+    port, admin = free_port(), free_port()
+    budgets = f'budgets:\n  presence: {{ rate: "{budget}" }}\n' if budget else ""
+    route_budgets = "    budgets: [presence]\n    max_wait: \"10m\"\n" if budget else ""
+    cfg = write(
+        f"shiftgate-{port}.yaml",
+        f"""listen: "127.0.0.1:{port}"
+admin_listen: "127.0.0.1:{admin}"
+upstreams:
+  api: {{ url: "http://127.0.0.1:{upstream_port}" }}
+{budgets}routes:
+  - name: presence
+    match: {{ method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}" }}
+{route_budgets}  - name: default
+    match: {{ path: "/**" }}
+queue:
+  max_depth: 20000
+workers: {workers}
+{extra}""",
+    )
+    p = start(
+        [BIN, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
+         "--pid-file", os.path.join(TMP, f"pid-{port}")],
+        f"shiftgate-{port}",
+    )
+    wait_port(port)
+    wait_port(admin)
+    return p, port, admin
+
+
+def nginx(upstream_port, rate=None, workers=1):
+    port = free_port()
+    d = os.path.join(TMP, f"nginx-{port}")
+    os.makedirs(os.path.join(d, "logs"), exist_ok=True)
+    limit_zone = f"limit_req_zone $server_name zone=shift:1m rate={rate}r/s;" if rate else ""
+    # Queue the excess (no nodelay) so that a burst is smoothed to the rate, like shiftgate.
+    limit = "limit_req zone=shift burst=20000;" if rate else ""
+    conf = write(
+        f"nginx-{port}.conf",
+        f"""worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+  access_log {d}/logs/access.log;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  {limit_zone}
+  upstream emu {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      {limit}
+      proxy_pass http://emu;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""",
+    )
+    p = start(["nginx", "-c", conf, "-p", d, "-g", "daemon off;"], f"nginx-{port}")
+    wait_port(port)
+    return p, port
+
+
+def loadtest(port, agents, loops, sdk_retry=0):
+    out = subprocess.run(
+        [BIN, "loadtest", "--target", f"http://127.0.0.1:{port}", "--agents", str(agents),
+         "--loops", str(loops), "--tokens", str(agents), "--timeout", "600s",
+         "--sdk-retry", str(sdk_retry), "--json", "--quiet"],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def shift_change(limit_rate, budget_rate, agents, loops):
+    """One shift change four ways against an emulator limiting presence PATCHes."""
+    emu = Emulator(
+        f"""token_rate_per_minute: 0
+latency: {{ min: "20ms", max: "40ms" }}
+route_limits:
+  - {{ name: presence, method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}", limit: "{limit_rate}/s" }}
+"""
+    )
+    ideal = agents * loops / limit_rate
+    rows = []
+    ways = [
+        ("direct", lambda: (None, emu.port), 0),
+        ("direct, SDK-style retry (Retry-After, 5 times)", lambda: (None, emu.port), 5),
+        (f"nginx limit_req {budget_rate} r/s", lambda: nginx(emu.port, budget_rate), 0),
+        (f"shiftgate {budget_rate}/s", lambda: shiftgate(emu.port, f"{budget_rate}/s")[:2], 0),
+    ]
+    for name, make, retry in ways:
+        proc, port = make()
+        time.sleep(1.5)  # windows of the previous run expire
+        emu.reset()
+        s = loadtest(port, agents, loops, retry)
+        st = emu.stats()
+        if proc:
+            stop(proc)
+        lat = s.get("latency") or {}
+        rows.append({
+            "way": name,
+            "completion_s": s["completion_time_ms"] / 1000,
+            "ratio": s["completion_time_ms"] / 1000 / ideal,
+            "answered_200": s["by_status"].get("200", 0),
+            "client_429": s["final_429s"],
+            "sdk_retries": s["sdk_retries"],
+            "upstream_429": st["by_status"].get("429", 0),
+            "upstream_requests": st["total_requests"],
+            "p50_ms": lat.get("p50_ms"),
+            "p99_ms": lat.get("p99_ms"),
+            "transport_errors": s["transport_errors"],
+        })
+        print(f"  {name}: {rows[-1]}", file=sys.stderr)
+    stop(emu.proc)
+    return {"limit": limit_rate, "budget": budget_rate, "agents": agents, "loops": loops,
+            "ideal_s": ideal, "rows": rows}
+
+
+def wrk(port, seconds, conns=50):
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", "Authorization: Bearer bench",
+         f"http://127.0.0.1:{port}/api/v2/presence/definitions"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale,
+            "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def pass_through(seconds):
+    emu = Emulator("token_rate_per_minute: 0\n")
+    rows = [{"way": "emulator directly (reference)", **wrk(emu.port, seconds)}]
+    p, port = nginx(emu.port, None, workers=1)
+    rows.append({"way": "nginx proxy_pass, 1 worker", **wrk(port, seconds)})
+    stop(p)
+    p, port, _ = shiftgate(emu.port, None, workers=1)
+    rows.append({"way": "shiftgate, 1 worker", **wrk(port, seconds)})
+    stop(p)
+    stop(emu.proc)
+    for r in rows:
+        print(f"  {r}", file=sys.stderr)
+    return rows
+
+
+def memory(waiting):
+    emu = Emulator("token_rate_per_minute: 0\n")
+    p, port, admin = shiftgate(emu.port, "1/s", workers=2)
+    # warm: a few requests through, then the idle footprint
+    loadtest(port, 2, 1)
+    time.sleep(1)
+    idle = rss_kib(p.pid)
+    lt = subprocess.Popen(
+        [BIN, "loadtest", "--target", f"http://127.0.0.1:{port}", "--agents", str(waiting), "--loops", "1",
+         "--tokens", "10", "--timeout", "600s", "--json", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    depth = 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        depth = http("GET", f"http://127.0.0.1:{admin}/status.json")["queue_depth"]
+        if depth >= waiting - 5:
+            break
+        time.sleep(0.5)
+    time.sleep(1)
+    loaded = rss_kib(p.pid)
+    depth = http("GET", f"http://127.0.0.1:{admin}/status.json")["queue_depth"]
+    lt.kill()
+    lt.wait()
+    stop(p)
+    stop(emu.proc)
+    row = {"waiting": depth, "rss_idle_kib": idle, "rss_loaded_kib": loaded,
+           "kib_per_waiting_request": (loaded - idle) / max(depth, 1)}
+    print(f"  {row}", file=sys.stderr)
+    return row
+
+
+def main():
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+    agents, loops = (100, 5) if QUICK else (500, 10)
+    results = {"machine": {"cpus": os.cpu_count()}, "quick": QUICK}
+    try:
+        print("shift change at the limit", file=sys.stderr)
+        results["shift_change"] = shift_change(100, 100, agents, loops)
+        print("shift change, budget 50 % above the limit", file=sys.stderr)
+        results["over_budget"] = shift_change(100, 150, agents, loops)
+        print("pass-through", file=sys.stderr)
+        results["pass_through"] = pass_through(5 if QUICK else 15)
+        print("memory", file=sys.stderr)
+        results["memory"] = memory(1000 if QUICK else 10000)
+    finally:
+        for p in PROCS:
+            if p.poll() is None:
+                p.kill()
+    os.makedirs(os.path.join(ROOT, "target", "bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "target", "bench", "e2e.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    for key, title in [("shift_change", "at the limit"), ("over_budget", "budget 50 % above the limit")]:
+        sc = results[key]
+        print(f"\n### Shift change {title}: {sc['agents']} agents x {sc['loops']} presence updates, "
+              f"upstream limit {sc['limit']}/s (ideal {sc['ideal_s']:.0f} s)\n")
+        print("| way | completion | ÷ ideal | 200s | client 429s | SDK retries | upstream 429s | p50 | p99 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in sc["rows"]:
+            print(f"| {r['way']} | {r['completion_s']:.1f} s | {r['ratio']:.3f} | {r['answered_200']} | "
+                  f"{r['client_429']} | {r['sdk_retries']} | {r['upstream_429']} | "
+                  f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
+    print("\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits)\n")
+    print("| way | requests/s | p99 | non-2xx |")
+    print("|---|---|---|---|")
+    for r in results["pass_through"]:
+        print(f"| {r['way']} | {r['rps']:.0f} | {r['p99_ms']:.2f} ms | {r['non_2xx']} |")
+    m = results["memory"]
+    print(f"\n### Memory\n\n| waiting requests | RSS idle | RSS with them waiting | per waiting request |\n|---|---|---|---|\n"
+          f"| {m['waiting']} | {m['rss_idle_kib'] / 1024:.1f} MiB | {m['rss_loaded_kib'] / 1024:.1f} MiB | "
+          f"{m['kib_per_waiting_request']:.1f} KiB |")
+
+
+if __name__ == "__main__":
+    main()
