@@ -503,7 +503,7 @@ impl ProxyHttp for Proxy {
     /// Once per attempt: the wait for slots (or for a retry), then where to send it.
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let cfg = ctx.config.clone().expect("set in request_filter");
-        let route = ctx.route(&cfg).expect("routed in request_filter").clone();
+        let route = ctx.route(&cfg).expect("routed in request_filter");
 
         if let Some(retry) = ctx.pending_retry.take() {
             let started = Instant::now();

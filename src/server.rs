@@ -75,7 +75,14 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         },
         "shiftgate proxy",
     );
-    proxy.add_tcp(&listen.to_string());
+    // Pingora's default gives every client connection a 64 KiB read buffer up front; with
+    // thousands of clients waiting in the queue that is most of the memory. Requests are read
+    // into Pingora's own (4 KiB, growing) header buffer anyway, so read unbuffered; keep one
+    // segment of write buffer to coalesce small writes.
+    proxy.add_listener(
+        pingora::listeners::ListenerConfig::tcp(listen.to_string())
+            .l4_buffer(pingora::listeners::L4BufferSettings::new(0, 1460)),
+    );
     proxy.threads = Some(workers);
     server.add_service(proxy);
     server.add_service(background_service(

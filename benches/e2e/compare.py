@@ -88,10 +88,10 @@ class Emulator:
         return http("GET", f"http://127.0.0.1:{self.port}/_emulator/stats")
 
 
-def shiftgate(upstream_port, budget=None, workers=2, extra=""):
+def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m"):
     port, admin = free_port(), free_port()
     budgets = f'budgets:\n  presence: {{ rate: "{budget}" }}\n' if budget else ""
-    route_budgets = "    budgets: [presence]\n    max_wait: \"10m\"\n" if budget else ""
+    route_budgets = f"    budgets: [presence]\n    max_wait: \"{max_wait}\"\n" if budget else ""
     cfg = write(
         f"shiftgate-{port}.yaml",
         f"""listen: "127.0.0.1:{port}"
@@ -122,7 +122,11 @@ def nginx(upstream_port, rate=None, workers=1):
     port = free_port()
     d = os.path.join(TMP, f"nginx-{port}")
     os.makedirs(os.path.join(d, "logs"), exist_ok=True)
-    limit_zone = f"limit_req_zone $server_name zone=shift:1m rate={rate}r/s;" if rate else ""
+    # One zone for all requests: the key must not be empty (nginx does not count those).
+    limit_zone = (
+        f'map $host $shift_all {{ default "all"; }}\n  limit_req_zone $shift_all zone=shift:1m rate={rate}r/s;'
+        if rate else ""
+    )
     # Queue the excess (no nodelay) so that a burst is smoothed to the rate, like shiftgate.
     limit = "limit_req zone=shift burst=20000;" if rate else ""
     conf = write(
@@ -248,7 +252,8 @@ def pass_through(seconds):
 
 def memory(waiting):
     emu = Emulator("token_rate_per_minute: 0\n")
-    p, port, admin = shiftgate(emu.port, "1/s", workers=2)
+    # 1/s and a wait of up to 5 h: every request stays queued for the measurement.
+    p, port, admin = shiftgate(emu.port, "1/s", workers=2, max_wait="5h")
     # warm: a few requests through, then the idle footprint
     loadtest(port, 2, 1)
     time.sleep(1)
