@@ -114,15 +114,12 @@ impl Answer {
     /// assert_eq!(v["details"], serde_json::json!([]));
     /// ```
     pub fn body(&self) -> String {
-        serde_json::to_string(&Body {
-            message: &self.message,
-            code: self.reason.code(),
-            status: self.reason.status(),
-            context_id: &self.correlation_id,
-            details: [],
-            errors: [],
-        })
-        .expect("plain struct serializes")
+        genesys_error_body(
+            self.reason.status(),
+            self.reason.code(),
+            &self.message,
+            &self.correlation_id,
+        )
     }
 
     /// Headers besides Content-Type and Content-Length.
@@ -133,6 +130,20 @@ impl Answer {
         }
         h
     }
+}
+
+/// The error body every Genesys API answers with (field order as Genesys's, so the bytes match
+/// a real answer); `contextId` equals the `ININ-Correlation-Id` header.
+pub fn genesys_error_body(status: u16, code: &str, message: &str, context_id: &str) -> String {
+    serde_json::to_string(&Body {
+        message,
+        code,
+        status,
+        context_id,
+        details: [],
+        errors: [],
+    })
+    .expect("plain struct serializes")
 }
 
 /// A wait as a `Retry-After` value: whole seconds, rounded up, at least 1.

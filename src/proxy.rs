@@ -199,6 +199,16 @@ impl Proxy {
         Error::explain(ErrorType::ConnectionClosed, "client left while waiting")
     }
 
+    fn enter_queue(&self, ctx: &mut Ctx, ticket: Ticket, route: &str) {
+        ctx.ticket = Some(ticket);
+        ctx.queued = true;
+        self.shared
+            .metrics
+            .queue_depth
+            .with_label_values(&[route])
+            .inc();
+    }
+
     fn leave_queue(&self, ctx: &mut Ctx) {
         if ctx.queued {
             ctx.queued = false;
@@ -443,13 +453,7 @@ impl ProxyHttp for Proxy {
         };
         match self.shared.pacer.admit(demand) {
             Ok(ticket) => {
-                ctx.ticket = Some(ticket);
-                ctx.queued = true;
-                self.shared
-                    .metrics
-                    .queue_depth
-                    .with_label_values(&[route.name.as_str()])
-                    .inc();
+                self.enter_queue(ctx, ticket, &route.name);
                 Ok(false)
             }
             Err(rejection) => {
@@ -523,15 +527,7 @@ impl ProxyHttp for Proxy {
                     not_after: Some(not_after),
                 };
                 match self.shared.pacer.admit(demand) {
-                    Ok(t) => {
-                        ctx.ticket = Some(t);
-                        ctx.queued = true;
-                        self.shared
-                            .metrics
-                            .queue_depth
-                            .with_label_values(&[route.name.as_str()])
-                            .inc();
-                    }
+                    Ok(t) => self.enter_queue(ctx, t, &route.name),
                     Err(e) => {
                         return Error::e_explain(
                             ErrorType::InternalError,

@@ -4,7 +4,8 @@ the Genesys emulator, with SDK-style retries, through nginx limit_req and throug
 pass-through overhead of shiftgate and nginx proxy_pass; and shiftgate's memory per waiting
 request. Loopback only. Prints Markdown tables and writes target/bench/e2e.json.
 
-Usage: cargo build --release && python3 benches/e2e/compare.py [--quick]
+Usage: cargo build --release --bin shiftgate --example pingora_baseline &&
+       python3 benches/e2e/compare.py [--quick] [--only=shift-change,pass-through,memory]
 Needs: nginx and wrk (Debian packages), the release binary.
 """
 import json
@@ -21,6 +22,11 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target", "release", "shiftgate")
 QUICK = "--quick" in sys.argv
+ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
+
+
+def wanted(part):
+    return ONLY is None or part in ONLY
 TMP = tempfile.mkdtemp(prefix="shiftgate-bench-")
 PROCS = []
 
@@ -88,7 +94,7 @@ class Emulator:
         return http("GET", f"http://127.0.0.1:{self.port}/_emulator/stats")
 
 
-def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m"):
+def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m", log="info"):
     port, admin = free_port(), free_port()
     budgets = f'budgets:\n  presence: {{ rate: "{budget}" }}\n' if budget else ""
     route_budgets = f"    budgets: [presence]\n    max_wait: \"{max_wait}\"\n" if budget else ""
@@ -112,6 +118,7 @@ workers: {workers}
         [BIN, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
          "--pid-file", os.path.join(TMP, f"pid-{port}")],
         f"shiftgate-{port}",
+        env={"RUST_LOG": log},
     )
     wait_port(port)
     wait_port(admin)
@@ -242,8 +249,18 @@ def pass_through(seconds):
     rows.append({"way": "nginx proxy_pass, 1 worker", **wrk(port, seconds)})
     stop(p)
     p, port, _ = shiftgate(emu.port, None, workers=1)
-    rows.append({"way": "shiftgate, 1 worker", **wrk(port, seconds)})
+    rows.append({"way": "shiftgate, 1 worker (access log on, the default)", **wrk(port, seconds)})
     stop(p)
+    p, port, _ = shiftgate(emu.port, None, workers=1, log="warn")
+    rows.append({"way": "shiftgate, 1 worker, access log off (RUST_LOG=warn)", **wrk(port, seconds)})
+    stop(p)
+    baseline = os.path.join(ROOT, "target", "release", "examples", "pingora_baseline")
+    if os.path.exists(baseline):
+        port = free_port()
+        p = start([baseline, f"127.0.0.1:{port}", f"127.0.0.1:{emu.port}"], "pingora-baseline")
+        wait_port(port)
+        rows.append({"way": "Pingora 0.9.1 with no hooks, 1 thread (examples/pingora_baseline)", **wrk(port, seconds)})
+        stop(p)
     stop(emu.proc)
     for r in rows:
         print(f"  {r}", file=sys.stderr)
@@ -289,22 +306,28 @@ def main():
     agents, loops = (100, 5) if QUICK else (500, 10)
     results = {"machine": {"cpus": os.cpu_count()}, "quick": QUICK}
     try:
-        print("shift change at the limit", file=sys.stderr)
-        results["shift_change"] = shift_change(100, 100, agents, loops)
-        print("shift change, budget 50 % above the limit", file=sys.stderr)
-        results["over_budget"] = shift_change(100, 150, agents, loops)
-        print("pass-through", file=sys.stderr)
-        results["pass_through"] = pass_through(5 if QUICK else 15)
-        print("memory", file=sys.stderr)
-        results["memory"] = memory(1000 if QUICK else 10000)
+        if wanted("shift-change"):
+            print("shift change at the limit", file=sys.stderr)
+            results["shift_change"] = shift_change(100, 100, agents, loops)
+            print("shift change, budget 50 % above the limit", file=sys.stderr)
+            results["over_budget"] = shift_change(100, 150, agents, loops)
+        if wanted("pass-through"):
+            print("pass-through", file=sys.stderr)
+            results["pass_through"] = pass_through(5 if QUICK else 15)
+        if wanted("memory"):
+            print("memory", file=sys.stderr)
+            results["memory"] = memory(1000 if QUICK else 10000)
     finally:
         for p in PROCS:
             if p.poll() is None:
                 p.kill()
     os.makedirs(os.path.join(ROOT, "target", "bench"), exist_ok=True)
-    with open(os.path.join(ROOT, "target", "bench", "e2e.json"), "w") as f:
+    name = "e2e.json" if ONLY is None else "e2e-" + "-".join(ONLY) + ".json"
+    with open(os.path.join(ROOT, "target", "bench", name), "w") as f:
         json.dump(results, f, indent=2)
     for key, title in [("shift_change", "at the limit"), ("over_budget", "budget 50 % above the limit")]:
+        if key not in results:
+            continue
         sc = results[key]
         print(f"\n### Shift change {title}: {sc['agents']} agents x {sc['loops']} presence updates, "
               f"upstream limit {sc['limit']}/s (ideal {sc['ideal_s']:.0f} s)\n")
@@ -314,11 +337,14 @@ def main():
             print(f"| {r['way']} | {r['completion_s']:.1f} s | {r['ratio']:.3f} | {r['answered_200']} | "
                   f"{r['client_429']} | {r['sdk_retries']} | {r['upstream_429']} | "
                   f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
-    print("\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits)\n")
-    print("| way | requests/s | p99 | non-2xx |")
-    print("|---|---|---|---|")
-    for r in results["pass_through"]:
-        print(f"| {r['way']} | {r['rps']:.0f} | {r['p99_ms']:.2f} ms | {r['non_2xx']} |")
+    if "pass_through" in results:
+        print("\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits)\n")
+        print("| way | requests/s | p99 | non-2xx |")
+        print("|---|---|---|---|")
+        for r in results["pass_through"]:
+            print(f"| {r['way']} | {r['rps']:.0f} | {r['p99_ms']:.2f} ms | {r['non_2xx']} |")
+    if "memory" not in results:
+        return
     m = results["memory"]
     print(f"\n### Memory\n\n| waiting requests | RSS idle | RSS with them waiting | per waiting request |\n|---|---|---|---|\n"
           f"| {m['waiting']} | {m['rss_idle_kib'] / 1024:.1f} MiB | {m['rss_loaded_kib'] / 1024:.1f} MiB | "

@@ -1,32 +1,13 @@
 //! Genesys's answer formats: the JSON error body and the fixed data the emulator serves.
 
 use bytes::Bytes;
-use serde::Serialize;
 use serde_json::{json, Value};
 
-/// The error body every Genesys API answers with; `contextId` equals `ININ-Correlation-Id`.
-/// Field order is Genesys's, so the bytes match a real answer.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ErrorBody<'a> {
-    message: &'a str,
-    code: &'a str,
-    status: u16,
-    context_id: &'a str,
-    details: [(); 0],
-    errors: [(); 0],
-}
-
+/// The Genesys error body (shared with the proxy's own answers).
 pub(crate) fn error_body(status: u16, code: &str, message: &str, context_id: &str) -> Bytes {
-    let body = ErrorBody {
-        message,
-        code,
-        status,
-        context_id,
-        details: [],
-        errors: [],
-    };
-    Bytes::from(serde_json::to_vec(&body).expect("plain strings serialize"))
+    Bytes::from(crate::answers::genesys_error_body(
+        status, code, message, context_id,
+    ))
 }
 
 /// The message of the 429 Genesys has sent since November 2021.

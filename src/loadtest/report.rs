@@ -1,5 +1,6 @@
 //! The two ways a result is shown: the plain-text summary table and the self-contained HTML report.
 
+use crate::status_page::escape_html;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -180,8 +181,8 @@ pub fn html_report(result: &LoadResult) -> Result<String, ReportError> {
     let _ = writeln!(
         html,
         "<p>Target <code>{}</code>: {}.<br>Generated {}.</p>",
-        escape(&spec.target),
-        escape(&describe_spec(spec)),
+        escape_html(&spec.target),
+        escape_html(&describe_spec(spec)),
         humantime::format_rfc3339_seconds(SystemTime::now()),
     );
 
@@ -190,8 +191,8 @@ pub fn html_report(result: &LoadResult) -> Result<String, ReportError> {
         let _ = writeln!(
             html,
             "<tr><th>{}</th><td>{}</td></tr>",
-            escape(label),
-            escape(&value)
+            escape_html(label),
+            escape_html(&value)
         );
     }
     html.push_str("</table>\n<table class=\"timings\">\n<tr><th>times in ms</th>");
@@ -200,7 +201,7 @@ pub fn html_report(result: &LoadResult) -> Result<String, ReportError> {
     }
     html.push_str("</tr>\n");
     for (label, row) in timing_rows(&summary) {
-        let _ = write!(html, "<tr><th>{}</th>", escape(label));
+        let _ = write!(html, "<tr><th>{}</th>", escape_html(label));
         match row {
             Ok(p) => {
                 for value in timing_values(&p) {
@@ -208,7 +209,7 @@ pub fn html_report(result: &LoadResult) -> Result<String, ReportError> {
                 }
             }
             Err(why) => {
-                let _ = write!(html, "<td colspan=\"5\">{}</td>", escape(why));
+                let _ = write!(html, "<td colspan=\"5\">{}</td>", escape_html(why));
             }
         }
         html.push_str("</tr>\n");
@@ -225,7 +226,7 @@ pub fn html_report(result: &LoadResult) -> Result<String, ReportError> {
             let _ = writeln!(
                 html,
                 "<tr><td class=\"num\">{count}</td><td>{}</td></tr>",
-                escape(message)
+                escape_html(message)
             );
         }
         html.push_str("</table>\n");
@@ -247,22 +248,6 @@ pub fn write_html_report(result: &LoadResult, path: &Path) -> Result<(), ReportE
         path: path.display().to_string(),
         source,
     })
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -384,7 +369,7 @@ mod tests {
     #[test]
     fn escape_covers_the_characters_that_break_html() {
         assert_eq!(
-            escape(r#"<a href="x">&'"#),
+            escape_html(r#"<a href="x">&'"#),
             "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
         );
     }
