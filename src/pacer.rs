@@ -193,6 +193,9 @@ struct Leases {
     key: String,
     /// Start times of leased, unused slots, in order.
     slots: VecDeque<Nanos>,
+    /// Slots used in the last [`LEASE_HORIZON`]: the demand to lease ahead for, so that a
+    /// request seldom waits for a round trip to the store.
+    recent: VecDeque<Nanos>,
     fetching: bool,
     /// The store answers: slots come from it. Otherwise the bucket paces locally at its share.
     leasing: bool,
@@ -252,6 +255,10 @@ impl Bucket {
         let limit = self.limit(now);
         if let Some(l) = self.shared.as_mut().filter(|l| l.leasing) {
             l.slots.pop_front();
+            l.recent.push_back(at);
+            while l.recent.front().is_some_and(|&t| t + LEASE_HORIZON < at) {
+                l.recent.pop_front();
+            }
             if l.divisor > 1.0 {
                 self.gcra.take(at, &limit);
             }
@@ -331,11 +338,19 @@ impl Bucket {
         while l.slots.front().is_some_and(|&t| t + LATE_SLACK < now) {
             l.slots.pop_front();
         }
-        if waiting <= l.slots.len() || l.slots.back().is_some_and(|&t| t >= now + LEASE_HORIZON) {
+        while l.recent.front().is_some_and(|&t| t + LEASE_HORIZON < now) {
+            l.recent.pop_front();
+        }
+        // Those waiting now, or as many as came in the last horizon, whichever is more; lease
+        // again when a request waits without a slot, or when fewer than half of that are left
+        // (not for every slot used: one lease covers many requests).
+        let wanted = waiting.max(l.recent.len());
+        let short = waiting > l.slots.len() || l.slots.len() * 2 < wanted;
+        if !short || l.slots.back().is_some_and(|&t| t >= now + LEASE_HORIZON) {
             return None;
         }
         let per_horizon = (LEASE_HORIZON / limit.interval.max(1)).max(1) as usize;
-        let count = (waiting - l.slots.len())
+        let count = (wanted - l.slots.len())
             .min(per_horizon)
             .min(LEASE_MAX as usize) as u32;
         l.fetching = true;
@@ -384,6 +399,8 @@ struct State {
     need: HashMap<BucketKey, usize>,
     /// Buckets with requests waiting on them (where leases may be needed).
     active: HashSet<BucketKey>,
+    /// Shared buckets that granted in this pass: they may want to lease ahead.
+    prefetch: HashSet<BucketKey>,
     /// Retries with a deadline, by deadline.
     deadlines: BTreeSet<(Nanos, u64)>,
     next_id: u64,
@@ -456,6 +473,7 @@ impl Pacer {
                 candidates: BTreeSet::new(),
                 need: HashMap::new(),
                 active: HashSet::new(),
+                prefetch: HashSet::new(),
                 deadlines: BTreeSet::new(),
                 next_id: 0,
                 max_depth,
@@ -542,6 +560,7 @@ impl Pacer {
                     bucket.shared = Some(Leases {
                         key: c.store_key(b),
                         slots: VecDeque::new(),
+                        recent: VecDeque::new(),
                         fetching: false,
                         leasing: c.up,
                         divisor: if c.up {
@@ -1147,8 +1166,11 @@ impl State {
             .map(|c| c.store.clone())
         {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                for key in &self.active {
-                    let b = self.buckets.get_mut(key).expect("active bucket exists");
+                let prefetch = std::mem::take(&mut self.prefetch);
+                for key in self.active.iter().chain(prefetch.difference(&self.active)) {
+                    let Some(b) = self.buckets.get_mut(key) else {
+                        continue;
+                    };
                     if let Some(req) = b.lease_needed(now) {
                         rt.spawn(pacer.clone().fetch(key.clone(), req, store.clone()));
                     }
@@ -1226,6 +1248,9 @@ impl State {
             for key in &w.buckets {
                 let b = self.buckets.get_mut(key).expect("bucket of a waiter");
                 b.take(taken_at, now);
+                if b.shared.is_some() {
+                    self.prefetch.insert(key.clone());
+                }
             }
             let at = self.epoch + Duration::from_nanos(taken_at);
             let grant = Grant {
