@@ -17,6 +17,7 @@ have promtool || missing+=(prometheus)
 have prometheus || missing+=(prometheus)
 have chromium || missing+=(chromium)
 have python3 || missing+=(python3)
+have openssl || missing+=(openssl)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"

@@ -632,3 +632,156 @@ limits:
     assert_own_answer(&a, 504, "shiftgate.upstream.timeout");
     assert!(t.elapsed() < Duration::from_secs(4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_name_that_does_not_resolve_is_a_502_and_a_log_line_not_a_panic() {
+    let cfg = r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: { url: "http://no-such-host.invalid:8080" }
+routes:
+  - name: default
+    match: { path: "/**" }
+retry:
+  max_attempts: 1
+"#;
+    let proxy = ProxyProcess::start(cfg, "127.0.0.1:9".parse().unwrap()).await;
+    let a = get(proxy.addr, "/api/v2/presence/definitions")
+        .await
+        .unwrap();
+    assert_own_answer(&a, 502, "shiftgate.upstream.unreachable");
+    // Still serving after it.
+    let again = get(proxy.addr, "/api/v2/presence/definitions")
+        .await
+        .unwrap();
+    assert_eq!(again.status, 502);
+    assert!(get(proxy.admin, "/healthz").await.unwrap().status == 200);
+    let log = proxy.logs();
+    assert!(
+        log.contains("no-such-host.invalid"),
+        "the failure is logged: {log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_access_fields_and_no_token() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let cfg = presence_config("100/s", "10s") + "log:\n  format: json\n";
+    let proxy = ProxyProcess::start_with(&cfg, emu.local_addr(), &[("RUST_LOG", "info")]).await;
+    let token = "Bearer sup3r-s3cret-token";
+    let a = request(
+        proxy.addr,
+        Method::PATCH,
+        "/api/v2/users/u1/presences/purecloud",
+        &[
+            ("Authorization", token),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"primary":true}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = proxy.logs();
+    assert!(!log.contains("sup3r-s3cret-token"));
+    let mut access = None;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "shiftgate::access" {
+            access = Some(v);
+        }
+    }
+    let v = access.expect("an access line");
+    assert_eq!(v["route"], "presence");
+    assert_eq!(v["method"], "PATCH");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["attempts"], 1);
+    for field in ["wait_ms", "upstream_ms", "correlation_id"] {
+        assert!(!v[field].is_null(), "{field} in {v}");
+    }
+    assert_eq!(
+        v["correlation_id"].as_str(),
+        header(&a, "ININ-Correlation-Id")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_with_an_untrusted_certificate_is_refused() {
+    // A TLS server whose self-signed certificate no trusted CA vouches for: certificates are
+    // verified, so the proxy must not talk to it.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl must be installed (the test command installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = free_port();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "s_server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cfg = r#"
+listen: "@LISTEN@"
+admin_listen: "@ADMIN@"
+upstreams:
+  api: { url: "https://@EMU@" }
+routes:
+  - name: default
+    match: { path: "/**" }
+retry:
+  max_attempts: 1
+"#;
+    let proxy = ProxyProcess::start(cfg, format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let a = get(proxy.addr, "/api/v2/presence/definitions")
+        .await
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_own_answer(&a, 502, "shiftgate.upstream.unreachable");
+    let body = json(&a);
+    let msg = body["message"].as_str().unwrap().to_ascii_lowercase();
+    assert!(
+        msg.contains("cert") || msg.contains("tls") || msg.contains("handshake"),
+        "refused for its certificate: {msg}"
+    );
+}
