@@ -50,10 +50,24 @@ enum Segment {
 /// assert!(all.matches("/login") && all.matches("/login/oauth/token"));
 /// assert!(!all.matches("/loginx"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct PathTemplate {
     text: String,
     segments: Vec<Segment>,
+}
+
+impl TryFrom<String> for PathTemplate {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        PathTemplate::parse(&s)
+    }
+}
+
+impl From<PathTemplate> for String {
+    fn from(t: PathTemplate) -> String {
+        t.text
+    }
 }
 
 impl PathTemplate {
@@ -107,9 +121,10 @@ impl PathTemplate {
         &self.text
     }
 
-    /// Whether `path` (without query) matches. Segments compare byte for byte, percent-encoding
-    /// untouched, so an encoded `/` can never open another segment.
+    /// Whether `path` matches (a query string is ignored). Segments compare byte for byte,
+    /// percent-encoding untouched, so an encoded `/` can never open another segment.
     pub fn matches(&self, path: &str) -> bool {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
         let Some(rest) = path.strip_prefix('/') else {
             return false;
         };
@@ -186,6 +201,13 @@ mod tests {
         assert!(exact.matches("/") && !exact.matches("/x"));
         // An encoded slash stays inside its segment.
         assert!(t.matches("/api/v2/users/a%2Fb/routingstatus"));
+    }
+
+    #[test]
+    fn templates_read_from_yaml_and_ignore_the_query() {
+        let t: PathTemplate = serde_yaml::from_str("\"/api/v2/**\"").unwrap();
+        assert!(t.matches("/api/v2/users?page=2"));
+        assert!(serde_yaml::from_str::<PathTemplate>("\"api\"").is_err());
     }
 
     #[test]

@@ -136,14 +136,8 @@ fn load(
     endpoint: Endpoint,
 ) -> LoadSpec {
     LoadSpec {
-        target,
-        agents,
-        loops,
-        tokens,
-        ramp: Duration::ZERO,
         endpoint,
-        timeout: Duration::from_secs(120),
-        ..LoadSpec::default()
+        ..shift_change(target, agents, loops, tokens)
     }
 }
 
@@ -162,15 +156,7 @@ fn ok_count(r: &LoadResult) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_with_uneven_load_stay_within_one_shared_budget() {
     let redis = Redis::start();
-    let emu = emulator(
-        r#"
-token_rate_per_minute: 0
-latency: { min: "10ms", max: "20ms" }
-route_limits:
-  - { name: presence, method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}", limit: "60/s" }
-"#,
-    )
-    .await;
+    let emu = emulator(&presence_limited("60/s", "10ms", "20ms")).await;
     let cfg = config(
         "  presence: { rate: \"60/s\" }",
         "[presence]",

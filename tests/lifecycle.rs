@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http::Method;
+use shiftgate::loadtest;
 use shiftgate::loadtest::client::Answer;
-use shiftgate::loadtest::{self, Endpoint, LoadSpec};
 
 const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
 
@@ -226,19 +226,6 @@ async fn patch(addr: SocketAddr, user: usize) -> Result<Answer, String> {
     .map_err(|e| e.to_string())
 }
 
-fn load(target: String, agents: usize, loops: usize) -> LoadSpec {
-    LoadSpec {
-        target,
-        agents,
-        loops,
-        tokens: agents,
-        ramp: Duration::ZERO,
-        endpoint: Endpoint::PresencePatch,
-        timeout: Duration::from_secs(60),
-        ..LoadSpec::default()
-    }
-}
-
 /// Requests the emulator saw in each whole second `[s, s+1)` with `from <= s` and
 /// `s + 1 <= to` (seconds since its epoch).
 fn full_seconds(
@@ -267,7 +254,10 @@ async fn a_renamed_config_changes_the_rate_under_load_and_a_broken_one_changes_n
     // then ~6 s at 100/s once the new file is in.
     let agents = 40;
     let loops = 17;
-    let run = tokio::spawn(loadtest::run(load(proxy.url(), agents, loops), None));
+    let run = tokio::spawn(loadtest::run(
+        shift_change(proxy.url(), agents, loops, agents),
+        None,
+    ));
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let renamed_at = emu.stats().elapsed_seconds;
@@ -727,7 +717,10 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
     let agents = 20;
     let loops = 55;
     let t0 = Instant::now();
-    let run = tokio::spawn(loadtest::run(load(proxy.url(), agents, loops), None));
+    let run = tokio::spawn(loadtest::run(
+        shift_change(proxy.url(), agents, loops, agents),
+        None,
+    ));
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The new process first: it listens on the upgrade socket for the old one's fds.

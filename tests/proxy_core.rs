@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http::Method;
-use shiftgate::loadtest::{self, Endpoint, LoadSpec};
+use shiftgate::loadtest;
 
 const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
 
@@ -48,33 +48,12 @@ retry:
     )
 }
 
-fn spec(target: String, agents: usize, loops: usize, tokens: usize) -> LoadSpec {
-    LoadSpec {
-        target,
-        agents,
-        loops,
-        tokens,
-        ramp: Duration::ZERO,
-        endpoint: Endpoint::PresencePatch,
-        timeout: Duration::from_secs(90),
-        ..LoadSpec::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shift_change_burst_is_smoothed_into_the_budget_without_client_429s() {
     // The emulator limits presence PATCHes to 100/s (1 s windows), like a route limit; the
     // proxy's presence budget is the same 100/s. 500 agents send 4 updates each, all at once,
     // each on its own connection.
-    let emu = emulator(
-        r#"
-token_rate_per_minute: 0
-latency: { min: "20ms", max: "40ms" }
-route_limits:
-  - { name: presence, method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}", limit: "100/s" }
-"#,
-    )
-    .await;
+    let emu = emulator(&presence_limited("100/s", "20ms", "40ms")).await;
     let proxy = ProxyProcess::start(&presence_config("100/s", "60s"), emu.local_addr()).await;
     // A proxy in service has warm upstream connections. A cold one opens its first few while
     // the burst starts, and a window-opening request that is late by a TCP handshake lets the
@@ -82,7 +61,7 @@ route_limits:
     warm_up(&proxy, 8).await;
     emu.reset_stats();
 
-    let result = loadtest::run(spec(proxy.url(), 500, 4, 500), None)
+    let result = loadtest::run(shift_change(proxy.url(), 500, 4, 500), None)
         .await
         .unwrap();
     let summary = result.summary();
@@ -168,7 +147,7 @@ routes:
     // 3 tokens, 40 requests each: alone, each token needs ~3.9 s at 10/s; one after another
     // they would need ~12 s.
     let started = Instant::now();
-    let result = loadtest::run(spec(proxy.url(), 30, 4, 3), None)
+    let result = loadtest::run(shift_change(proxy.url(), 30, 4, 3), None)
         .await
         .unwrap();
     let elapsed = started.elapsed();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use http::Method;
-use shiftgate::loadtest::{self, Endpoint, LoadSpec};
+use shiftgate::loadtest;
 
 fn config(budget: &str, extra: &str) -> String {
     format!(
@@ -40,34 +40,14 @@ queue:
     )
 }
 
-const PRESENCE_LIMIT_100: &str = r#"
-token_rate_per_minute: 0
-latency: { min: "20ms", max: "40ms" }
-route_limits:
-  - { name: presence, method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}", limit: "100/s" }
-"#;
-
-fn presence_load(target: String, agents: usize, loops: usize) -> LoadSpec {
-    LoadSpec {
-        target,
-        agents,
-        loops,
-        tokens: agents,
-        ramp: Duration::ZERO,
-        endpoint: Endpoint::PresencePatch,
-        timeout: Duration::from_secs(120),
-        ..LoadSpec::default()
-    }
-}
-
 const BODY: &str =
     r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_50_percent_too_high_learns_the_real_limit_and_clients_see_no_429() {
-    let emu = emulator(PRESENCE_LIMIT_100).await;
+    let emu = emulator(&presence_limited("100/s", "20ms", "40ms")).await;
     let proxy = ProxyProcess::start(&config("150/s", ""), emu.local_addr()).await;
-    let result = loadtest::run(presence_load(proxy.url(), 200, 10), None)
+    let result = loadtest::run(shift_change(proxy.url(), 200, 10, 200), None)
         .await
         .unwrap();
     let summary = result.summary();
@@ -112,7 +92,7 @@ async fn a_429_outage_pauses_the_budget_instead_of_letting_every_waiter_probe() 
         emulator("token_rate_per_minute: 0\nlatency: { min: \"10ms\", max: \"20ms\" }\n").await;
     let proxy = ProxyProcess::start(&config("50/s", ""), emu.local_addr()).await;
     let target = proxy.url();
-    let load = tokio::spawn(loadtest::run(presence_load(target, 100, 6), None));
+    let load = tokio::spawn(loadtest::run(shift_change(target, 100, 6, 100), None));
     // 2 s into the run, a 3 s outage answering 429 with Retry-After: 3.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let outage: shiftgate::emulator::Fault = serde_json::from_value(

@@ -45,7 +45,7 @@ pub use config::{
     Latency, LimitScope, RouteLimit, WindowLimit, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_TOKEN_RATE_PER_MINUTE,
 };
-pub use path::{PathError, PathTemplate};
+pub use path::PathTemplate;
 pub use stats::{RouteLabel, SecondStats, StatsSnapshot, STATUS_RESET};
 
 /// Where `shiftgate emulate` listens without `--listen`.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
 use shiftgate::emulator::{Emulator, EmulatorConfig};
 use shiftgate::loadtest::client::{AgentConnection, Answer, OutgoingRequest};
-use shiftgate::loadtest::Target;
+use shiftgate::loadtest::{Endpoint, LoadSpec, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
@@ -328,4 +328,27 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 pub fn repo_path(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// A shift change of presence updates, all agents at once, each on its own connection:
+/// `loops` updates per agent, agents spread over `tokens` bearer tokens.
+pub fn shift_change(target: String, agents: usize, loops: usize, tokens: usize) -> LoadSpec {
+    LoadSpec {
+        target,
+        agents,
+        loops,
+        tokens,
+        ramp: Duration::ZERO,
+        endpoint: Endpoint::PresencePatch,
+        timeout: Duration::from_secs(120),
+        ..LoadSpec::default()
+    }
+}
+
+/// Emulator config: presence PATCHes limited to `limit` (e.g. "100/s") for the whole org, in
+/// windows that open at the first request; answers take `min`..`max`.
+pub fn presence_limited(limit: &str, min: &str, max: &str) -> String {
+    format!(
+        "token_rate_per_minute: 0\nlatency: {{ min: \"{min}\", max: \"{max}\" }}\nroute_limits:\n  - {{ name: presence, method: PATCH, path: \"/api/v2/users/{{userId}}/presences/{{sourceId}}\", limit: \"{limit}\" }}\n"
+    )
 }
