@@ -163,6 +163,9 @@ fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64
     Some((m.modified().ok()?, m.len(), m.ino(), m.dev()))
 }
 
+/// How often upstream names are looked up again (the cache's TTL is 30 s).
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How often the config file is looked at.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -179,10 +182,21 @@ impl BackgroundService for Watcher {
         let path = self.shared.config_path.clone();
         let mut stamp = file_stamp(&path);
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        // Upstream names are resolved here, off the request path, and kept fresh.
+        let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
         loop {
             let trigger = tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                _ = resolve.tick() => {
+                    // Its own task: a slow DNS server must not hold up a reload.
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move {
+                        let config = shared.config.load_full();
+                        shared.resolver.refresh_all(&config).await;
+                    });
+                    continue;
+                }
                 _ = tick.tick() => {
                     let now = file_stamp(&path);
                     if now == stamp || now.is_none() {

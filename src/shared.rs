@@ -184,7 +184,27 @@ impl Resolver {
     const TTL: Duration = Duration::from_secs(30);
     const TIMEOUT: Duration = Duration::from_secs(5);
 
+    /// The addresses of `host`: from the cache when it has any (the background refresh keeps
+    /// them current), else looked up now (the first request to a name never resolved).
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(host.to_string(), port))
+            .map(|(a, _)| a.clone());
+        match cached {
+            Some(addrs) => Ok(addrs),
+            None => self.refresh(host, port).await,
+        }
+    }
+
+    /// Looks `host` up again when its answer is older than the TTL (or absent). A failed
+    /// lookup keeps the last good addresses.
+    pub async fn refresh(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
@@ -228,6 +248,16 @@ impl Resolver {
                 }
                 None => Err(e),
             },
+        }
+    }
+
+    /// Refreshes every upstream of `config` (the config watcher calls this off the request
+    /// path); failures are logged, never fatal.
+    pub async fn refresh_all(&self, config: &Config) {
+        for u in &config.upstreams {
+            if let Err(e) = self.refresh(&u.host, u.port).await {
+                tracing::warn!(upstream = %u.name, error = %e, "upstream address unknown");
+            }
         }
     }
 }
