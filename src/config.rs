@@ -71,6 +71,8 @@ pub struct Config {
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
     pub cluster: Option<ClusterSettings>,
+    /// Reload when the config file changes (SIGHUP and `POST /-/reload` always work).
+    pub watch_file: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -532,6 +534,13 @@ struct RawConfig {
     shutdown: RawShutdown,
     #[serde(default)]
     cluster: Option<RawCluster>,
+    #[serde(default)]
+    reload: RawReload,
+}
+
+#[derive(Deserialize, Default)]
+struct RawReload {
+    watch_file: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1016,6 +1025,7 @@ impl Validator<'_> {
             log,
             shutdown,
             cluster,
+            watch_file: raw.reload.watch_file.unwrap_or(true),
         })
     }
 }
@@ -1080,6 +1090,9 @@ mod tests {
         // A single upstream may be left out of a route.
         assert_eq!(c.routes[0].upstream, 0);
         assert!(c.routes[0].budgets.is_empty());
+        assert!(c.watch_file);
+        let off = Config::parse(&format!("{MINIMAL}reload:\n  watch_file: false\n")).unwrap();
+        assert!(!off.watch_file);
     }
 
     #[test]

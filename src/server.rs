@@ -198,6 +198,9 @@ impl BackgroundService for Watcher {
                     continue;
                 }
                 _ = tick.tick() => {
+                    if !self.shared.config.load().watch_file {
+                        continue;
+                    }
                     let now = file_stamp(&path);
                     if now == stamp || now.is_none() {
                         continue;
