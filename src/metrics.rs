@@ -14,6 +14,31 @@ use prometheus::{
 };
 
 /// Every `reason` of `shiftgate_rejections_total`, one per answer the proxy makes itself.
+/// Every metric of the contract (shared/contract.md) with its exposition type.
+pub const CONTRACT_METRICS: &[(&str, &str)] = &[
+    ("shiftgate_requests_total", "counter"),
+    ("shiftgate_rejections_total", "counter"),
+    ("shiftgate_client_disconnects_total", "counter"),
+    ("shiftgate_queue_depth", "gauge"),
+    ("shiftgate_queue_wait_seconds", "histogram"),
+    ("shiftgate_request_duration_seconds", "histogram"),
+    ("shiftgate_upstream_duration_seconds", "histogram"),
+    ("shiftgate_upstream_responses_total", "counter"),
+    ("shiftgate_retries_total", "counter"),
+    ("shiftgate_inflight_requests", "gauge"),
+    ("shiftgate_budget_rate", "gauge"),
+    ("shiftgate_budget_configured_rate", "gauge"),
+    ("shiftgate_budget_throttles_total", "counter"),
+    ("shiftgate_config_reloads_total", "counter"),
+    (
+        "shiftgate_config_last_reload_success_timestamp_seconds",
+        "gauge",
+    ),
+    ("shiftgate_build_info", "gauge"),
+    ("shiftgate_cluster_redis_up", "gauge"),
+    ("shiftgate_cluster_fallback_seconds_total", "counter"),
+];
+
 pub const REJECTION_REASONS: &[&str] = &[
     "queue_wait",
     "queue_full",
@@ -366,31 +391,6 @@ mod tests {
     use std::io::Write;
     use std::process::{Command, Stdio};
 
-    /// Every metric of the contract with its exposition type.
-    const CONTRACT: &[(&str, &str)] = &[
-        ("shiftgate_requests_total", "counter"),
-        ("shiftgate_rejections_total", "counter"),
-        ("shiftgate_client_disconnects_total", "counter"),
-        ("shiftgate_queue_depth", "gauge"),
-        ("shiftgate_queue_wait_seconds", "histogram"),
-        ("shiftgate_request_duration_seconds", "histogram"),
-        ("shiftgate_upstream_duration_seconds", "histogram"),
-        ("shiftgate_upstream_responses_total", "counter"),
-        ("shiftgate_retries_total", "counter"),
-        ("shiftgate_inflight_requests", "gauge"),
-        ("shiftgate_budget_rate", "gauge"),
-        ("shiftgate_budget_configured_rate", "gauge"),
-        ("shiftgate_budget_throttles_total", "counter"),
-        ("shiftgate_config_reloads_total", "counter"),
-        (
-            "shiftgate_config_last_reload_success_timestamp_seconds",
-            "gauge",
-        ),
-        ("shiftgate_build_info", "gauge"),
-        ("shiftgate_cluster_redis_up", "gauge"),
-        ("shiftgate_cluster_fallback_seconds_total", "counter"),
-    ];
-
     /// A registry as the proxy has it after start with the example config's names, plus the
     /// values that only the running proxy sets (rates, Redis state).
     fn populated() -> Metrics {
@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn every_contract_metric_is_exposed_with_its_type_and_help() {
         let text = populated().encode();
-        for (name, kind) in CONTRACT {
+        for (name, kind) in CONTRACT_METRICS {
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}\n")),
                 "missing `# TYPE {name} {kind}` in:\n{text}"
@@ -430,7 +430,7 @@ mod tests {
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         assert_eq!(
             families,
-            CONTRACT.len(),
+            CONTRACT_METRICS.len(),
             "a metric outside the contract:\n{text}"
         );
     }

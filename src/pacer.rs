@@ -1317,6 +1317,22 @@ mod tests {
         }
     }
 
+    /// A pacer with one budget: `depth` waiters at most, `aging_s` seconds of aging.
+    fn one_budget(
+        name: &str,
+        rate: f64,
+        burst: u32,
+        per: Per,
+        depth: usize,
+        aging_s: u64,
+    ) -> Pacer {
+        Pacer::new(
+            &[spec(name, rate, burst, per)],
+            depth,
+            Duration::from_secs(aging_s),
+        )
+    }
+
     fn demand(p: &Pacer, buckets: &[(&str, Option<u8>)], priority: Priority) -> Demand {
         Demand {
             buckets: buckets
@@ -1347,11 +1363,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_is_released_at_the_configured_rate_in_fifo_order() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..20 {
@@ -1470,11 +1482,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn priority_goes_first_and_aging_prevents_starvation() {
         // 1/s, aging 1 s per level: a low request is 2 s behind a high one of the same arrival.
-        let p = Pacer::new(
-            &[spec("g", 1.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(1),
-        );
+        let p = one_budget("g", 1.0, 1, Per::Global, 1000, 1);
         let t0 = Instant::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // hold the bucket until 1 s so that all of these queue
@@ -1534,11 +1542,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn admission_predicts_the_wait_and_refuses_what_cannot_start_in_time() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
         let mut d = demand(&p, &[("g", None)], Priority::Normal);
         d.max_wait = Duration::from_millis(450);
         let mut tickets = Vec::new();
@@ -1557,11 +1561,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_queue_has_a_maximum_depth() {
-        let p = Pacer::new(
-            &[spec("g", 1.0, 1, Per::Global)],
-            3,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 1.0, 1, Per::Global, 3, 10);
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let _t: Vec<Ticket> = (0..4).map(|_| p.admit(d.clone()).unwrap()).collect();
         assert_eq!(p.depth(), 3);
@@ -1570,11 +1570,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_waiter_leaves_and_its_slot_goes_to_the_next() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         p.admit(d.clone())
@@ -1598,11 +1594,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_grant_dropped_unused_gives_its_slot_back() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
@@ -1613,11 +1605,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_throttle_pauses_the_bucket_for_everyone_then_one_probe_then_the_lower_rate() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 5, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 5, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
@@ -1652,11 +1640,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_that_left_late_moves_the_schedule_with_it() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
@@ -1673,11 +1657,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_goes_to_the_head_of_the_queue() {
-        let p = Pacer::new(
-            &[spec("g", 10.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         p.admit(d.clone())
@@ -1700,11 +1680,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reload_applies_new_rates_to_those_already_waiting() {
-        let p = Pacer::new(
-            &[spec("g", 1.0, 1, Per::Global)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("g", 1.0, 1, Per::Global, 1000, 10);
         let t0 = Instant::now();
         let d = demand(&p, &[("g", None)], Priority::Normal);
         p.admit(d.clone())
@@ -1879,11 +1855,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_keyed_buckets_are_forgotten() {
-        let p = Pacer::new(
-            &[spec("tok", 100.0, 1, Per::Token)],
-            1000,
-            Duration::from_secs(10),
-        );
+        let p = one_budget("tok", 100.0, 1, Per::Token, 1000, 10);
         for k in 0..200u8 {
             let d = demand(&p, &[("tok", Some(k))], Priority::Normal);
             p.admit(d).unwrap().granted().await.unwrap().commit();

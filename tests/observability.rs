@@ -18,39 +18,14 @@ use http::Method;
 use shiftgate::emulator::{Fault, FaultKind};
 use shiftgate::loadtest::client::AgentConnection;
 use shiftgate::loadtest::{user_id, Target};
-use shiftgate::metrics::REJECTION_REASONS;
+use shiftgate::metrics::{CONTRACT_METRICS, REJECTION_REASONS};
 
 const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
 const PRESENCE_BODY: &str =
     r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
 
-/// Every metric of the contract with its exposition type.
-const CONTRACT: &[(&str, &str)] = &[
-    ("shiftgate_requests_total", "counter"),
-    ("shiftgate_rejections_total", "counter"),
-    ("shiftgate_client_disconnects_total", "counter"),
-    ("shiftgate_queue_depth", "gauge"),
-    ("shiftgate_queue_wait_seconds", "histogram"),
-    ("shiftgate_request_duration_seconds", "histogram"),
-    ("shiftgate_upstream_duration_seconds", "histogram"),
-    ("shiftgate_upstream_responses_total", "counter"),
-    ("shiftgate_retries_total", "counter"),
-    ("shiftgate_inflight_requests", "gauge"),
-    ("shiftgate_budget_rate", "gauge"),
-    ("shiftgate_budget_configured_rate", "gauge"),
-    ("shiftgate_budget_throttles_total", "counter"),
-    ("shiftgate_config_reloads_total", "counter"),
-    (
-        "shiftgate_config_last_reload_success_timestamp_seconds",
-        "gauge",
-    ),
-    ("shiftgate_build_info", "gauge"),
-    ("shiftgate_cluster_redis_up", "gauge"),
-    ("shiftgate_cluster_fallback_seconds_total", "counter"),
-];
-
 /// Metrics exported only with `cluster` configured (a 0 there would page ops for a store nobody
-/// runs, see `Metrics::cluster_redis_up`); this build refuses `cluster`, so they are absent. For
+/// runs, see `Metrics::cluster_redis_up`); this test configures no `cluster`, so they are absent. For
 /// expressions on them the test stands in a series with the labels the real one would have after
 /// a scrape (`job`, `instance`), so an empty answer still means a broken expression.
 const ABSENT_WITHOUT_CLUSTER: &[(&str, &str)] =
@@ -343,7 +318,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     for (name, kind) in &types {
         println!("  {name} ({kind})");
     }
-    for (name, kind) in CONTRACT {
+    for (name, kind) in CONTRACT_METRICS {
         if ABSENT_WITHOUT_CLUSTER.iter().any(|(n, _)| n == name) {
             assert!(
                 !types.contains_key(*name),
@@ -359,7 +334,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     }
     let extra: Vec<&String> = types
         .keys()
-        .filter(|n| !CONTRACT.iter().any(|(c, _)| c == n))
+        .filter(|n| !CONTRACT_METRICS.iter().any(|(c, _)| c == n))
         .collect();
     assert!(extra.is_empty(), "metrics outside the contract: {extra:?}");
 
