@@ -13,8 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::proxy::NO_ROUTE_LABEL;
-use crate::shared::{ReloadRecord, Shared};
+use crate::state::{ReloadRecord, State};
 use crate::status_page::{self, BudgetStatus, RouteStatus, StatusSnapshot};
 
 type Body = Full<Bytes>;
@@ -22,7 +21,7 @@ type Body = Full<Bytes>;
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -38,11 +37,11 @@ pub async fn serve(
                 }
             },
         };
-        let shared = shared.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -64,35 +63,35 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
         .expect("valid response")
 }
 
-async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            if shared.is_draining() {
+            if state.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
             } else {
                 text(StatusCode::OK, "text/plain", "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {
-            refresh_gauges(shared);
+            refresh_gauges(state);
             text(
                 StatusCode::OK,
-                &shared.metrics.content_type(),
-                shared.metrics.encode(),
+                &state.metrics().content_type(),
+                state.metrics().encode(),
             )
         }
         (&Method::GET, "/status") => text(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            status_page::render_html(&snapshot(shared)),
+            status_page::render_html(&snapshot(state)),
         ),
         (&Method::GET, "/status.json") => text(
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(&snapshot(shared)).expect("serializable"),
+            serde_json::to_string_pretty(&snapshot(state)).expect("serializable"),
         ),
-        (&Method::POST, "/-/reload") => reload(req, shared).await,
+        (&Method::POST, "/-/reload") => reload(req, state).await,
         (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json" | "/-/reload") => {
             text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -104,8 +103,8 @@ async fn handle(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> 
     }
 }
 
-async fn reload(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
-    let env = shared.config.load().admin_token_env.clone();
+async fn reload(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
+    let env = state.config().admin_token_env.clone();
     if let Some(expected) = env
         .and_then(|name| std::env::var(name).ok())
         .filter(|v| !v.is_empty())
@@ -125,10 +124,9 @@ async fn reload(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> 
     }
     // The body is not used; read it so the connection stays usable.
     let _ = req.into_body().collect().await;
-    let shared2 = shared.clone();
+    let state2 = state.clone();
     let result =
-        tokio::task::spawn_blocking(move || crate::reload::reload(&shared2, "POST /-/reload"))
-            .await;
+        tokio::task::spawn_blocking(move || crate::reload::reload(&state2, "POST /-/reload")).await;
     match result {
         Ok(Ok(r)) => {
             let mut body = format!("reloaded: {}\n", r.summary);
@@ -157,15 +155,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn refresh_gauges(shared: &Shared) {
-    shared.refresh_rates();
+fn refresh_gauges(state: &State) {
+    state.refresh_rates();
 }
 
 /// The state of the proxy as people see it.
-pub fn snapshot(shared: &Shared) -> StatusSnapshot {
-    let cfg = shared.config.load();
-    let m = &shared.metrics;
-    let views = shared.pacer.view();
+pub fn snapshot(state: &State) -> StatusSnapshot {
+    let cfg = state.config();
+    let m = state.metrics();
+    let views = state.pacer().view();
     let counter = |v: &prometheus::IntCounterVec, route: &str| -> u64 {
         // Sum over the second label of a (route, x) counter.
         use prometheus::core::Collector;
@@ -231,43 +229,30 @@ pub fn snapshot(shared: &Shared) -> StatusSnapshot {
         })
         .collect();
     // Before the first reload, the config in force is the one loaded (successfully) at start.
-    let last = shared
-        .last_reload
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .or_else(|| {
-            Some(ReloadRecord {
-                at: SystemTime::now().checked_sub(shared.started.elapsed())?,
-                ok: true,
-                error: None,
-            })
-        });
+    let last = state.last_reload().or_else(|| {
+        Some(ReloadRecord {
+            at: SystemTime::now().checked_sub(state.uptime())?,
+            ok: true,
+            error: None,
+        })
+    });
     let inflight: u64 = routes.iter().map(|r| r.inflight).sum();
-    let _ = NO_ROUTE_LABEL;
     StatusSnapshot {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_seconds: shared.started.elapsed().as_secs(),
-        draining: shared.is_draining(),
-        config_path: shared.config_path.display().to_string(),
+        uptime_seconds: state.uptime().as_secs(),
+        draining: state.is_draining(),
+        config_path: state.config_path().display().to_string(),
         last_reload_unix: last
             .as_ref()
             .and_then(|r| r.at.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs()),
         last_reload_ok: last.as_ref().map(|r| r.ok),
         last_reload_error: last.and_then(|r| r.error),
-        queue_depth: shared.pacer.depth() as u64,
+        queue_depth: state.pacer().depth() as u64,
         queue_max_depth: cfg.queue.max_depth as u64,
         inflight,
         routes,
         budgets,
-        recent_throttles: shared
-            .recent_throttles
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .rev()
-            .cloned()
-            .collect(),
+        recent_throttles: state.recent_throttles().into_iter().rev().collect(),
     }
 }

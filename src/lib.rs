@@ -19,20 +19,22 @@
 //!   straight at the API and through the proxy, side by side.
 
 pub mod admin;
-pub mod answers;
 pub mod budget;
-pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod digest;
 pub mod emulator;
 pub mod loadtest;
+pub mod local_response;
 pub mod metrics;
 pub mod pacer;
 pub mod proxy;
 pub mod reload;
+pub mod resolve;
 pub mod retry;
 pub mod route;
 pub mod server;
-pub mod shared;
+pub mod shared_budget;
+pub mod state;
 pub mod status_page;
-pub mod store;
+pub mod throttle;

@@ -39,6 +39,9 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_cluster_fallback_seconds_total", "counter"),
 ];
 
+/// The `route` label of requests that matched no route.
+pub const NO_ROUTE_LABEL: &str = "none";
+
 pub const REJECTION_REASONS: &[&str] = &[
     "queue_wait",
     "queue_full",
@@ -320,6 +323,24 @@ impl Metrics {
     /// The `Content-Type` of [`Metrics::encode`]'s output, for the `/metrics` answer.
     pub fn content_type(&self) -> String {
         TextEncoder::new().format_type().to_owned()
+    }
+}
+
+/// Holds a gauge one higher until dropped: a request's place in `shiftgate_queue_depth` or
+/// `shiftgate_inflight_requests` is given back however the request ends.
+#[derive(Debug)]
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

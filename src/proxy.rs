@@ -12,7 +12,6 @@
 //! - `error_while_proxy` / `fail_to_connect`: the same policy for transport failures.
 //! - `fail_to_proxy`: the contract's JSON answers. `logging`: metrics and the access line.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,61 +21,66 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use sha2::{Digest, Sha256};
 
-use crate::answers::{Answer, Reason};
 use crate::config::{Config, Per, RouteSpec};
-use crate::pacer::{secs_f64, BucketKey, Demand, Rejection, Ticket};
+use crate::digest::key_hash;
+use crate::local_response::{LocalResponse, Reason};
+use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
+use crate::pacer::{BucketKey, Demand, Rejection, Ticket};
 use crate::retry::{self, Attempt, Outcome, Verdict};
 use crate::route::{find_route, upstream_path};
-use crate::shared::Shared;
-use crate::status_page::ThrottleEvent;
+use crate::state::{ActiveRequest, State};
+use crate::throttle::{self, RetryWait};
 
 /// Pingora's retry buffer holds this much of a request body; larger bodies cannot be replayed.
 pub const REPLAY_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Label for requests that matched no route.
-pub const NO_ROUTE_LABEL: &str = "none";
-
 pub struct Proxy {
-    pub shared: Arc<Shared>,
+    pub state: Arc<State>,
 }
 
-/// Per-request state.
+/// Per-request state. What belongs to one upstream attempt is in [`AttemptState`]; the gauges
+/// a request holds up are guards, given back however the request ends.
 pub struct Ctx {
     arrived: Instant,
+    /// Counts the request as active (the shutdown waits for it) until its access line.
+    active: Option<ActiveRequest>,
+    /// The config this request is served under, from its first hook on.
     config: Option<Arc<Config>>,
     route: Option<usize>,
+    /// The buckets it is charged to (empty: an unpaced route).
     buckets: Vec<BucketKey>,
-    ticket: Option<Ticket>,
-    /// The route's queue-depth gauge is raised for this request.
-    queued: bool,
-    /// An attempt is in flight (the in-flight gauge is raised).
-    inflight: bool,
+    /// Waiting for slots: its place in the queue and in the queue-depth gauge.
+    queued: Option<Queued>,
+    /// The attempt in flight.
+    attempt: Option<AttemptState>,
+    /// Set when the last attempt is to be retried: how the next attempt waits.
+    pending_retry: Option<RetryWait>,
+    /// Time waited for the first attempt's slots.
     waited: Duration,
     attempts: u32,
-    attempt_started: Option<Instant>,
-    sent_at: Option<tokio::time::Instant>,
-    /// When this attempt's slots were granted (paced routes), until it is reported sent.
-    granted_at: Option<tokio::time::Instant>,
-    /// When this attempt's slots were granted.
-    grant_time: Option<tokio::time::Instant>,
+    /// Time spent in upstream attempts and the waits between them.
     upstream_time: Duration,
-    /// Set when the last attempt is to be retried: how long to wait first and whether the
-    /// budgets' pause already covers that wait.
-    pending_retry: Option<PendingRetry>,
     /// Our own answer's reason, when the proxy answered.
     reason: Option<Reason>,
     body_bytes: usize,
     body_read_up_front: bool,
     client_gone: bool,
-    counted: bool,
+    logged: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct PendingRetry {
-    delay: Duration,
-    paced: bool,
+struct Queued {
+    ticket: Ticket,
+    _depth: GaugeGuard,
+}
+
+/// One upstream attempt, from the choice of its peer to its answer (or failure).
+struct AttemptState {
+    started: Instant,
+    _inflight: GaugeGuard,
+    /// When its slots were granted (paced routes): the pacer is told when it really left, and
+    /// a 429 is measured from it.
+    granted_at: Option<tokio::time::Instant>,
 }
 
 impl Ctx {
@@ -94,10 +98,10 @@ impl Proxy {
     }
 
     /// Writes one of the proxy's own answers and counts it.
-    async fn answer(&self, session: &mut Session, ctx: &mut Ctx, answer: Answer) {
+    async fn answer(&self, session: &mut Session, ctx: &mut Ctx, answer: LocalResponse) {
         let route = self.route_label(ctx);
-        self.shared
-            .metrics
+        self.state
+            .metrics()
             .rejections_total
             .with_label_values(&[route.as_str(), answer.reason.label()])
             .inc();
@@ -117,7 +121,7 @@ impl Proxy {
         }
         add_shiftgate_headers(&mut resp, ctx);
         // A body we did not read would be taken for the next request on this connection.
-        if !session.is_body_done() || !self.shared.keep_alive() {
+        if !session.is_body_done() || !self.state.keep_alive() {
             session.set_keepalive(None);
         }
         if let Err(e) = session.write_response_header(Box::new(resp), false).await {
@@ -166,7 +170,7 @@ impl Proxy {
                             .unwrap_or_default(),
                     )),
                 };
-                self.shared.pacer.bucket_key(&b.name, key)
+                self.state.pacer().bucket_key(&b.name, key)
             })
             .collect()
     }
@@ -189,10 +193,9 @@ impl Proxy {
 
     fn client_left(&self, ctx: &mut Ctx) -> Box<Error> {
         ctx.client_gone = true;
-        ctx.ticket = None;
-        self.leave_queue(ctx);
-        self.shared
-            .metrics
+        ctx.queued = None;
+        self.state
+            .metrics()
             .client_disconnects_total
             .with_label_values(&[self.route_label(ctx).as_str()])
             .inc();
@@ -200,45 +203,33 @@ impl Proxy {
     }
 
     fn enter_queue(&self, ctx: &mut Ctx, ticket: Ticket, route: &str) {
-        ctx.ticket = Some(ticket);
-        ctx.queued = true;
-        self.shared
-            .metrics
-            .queue_depth
+        let depth = self.state.metrics().queue_depth.with_label_values(&[route]);
+        ctx.queued = Some(Queued {
+            ticket,
+            _depth: GaugeGuard::new(depth),
+        });
+    }
+
+    fn observe_queue_wait(&self, route: &str, waited: Duration) {
+        self.state
+            .metrics()
+            .queue_wait_seconds
             .with_label_values(&[route])
-            .inc();
+            .observe(waited.as_secs_f64());
     }
 
-    fn leave_queue(&self, ctx: &mut Ctx) {
-        if ctx.queued {
-            ctx.queued = false;
-            self.shared
-                .metrics
-                .queue_depth
-                .with_label_values(&[self.route_label(ctx).as_str()])
-                .dec();
-        }
-    }
-
-    fn end_attempt(&self, ctx: &mut Ctx) {
-        if ctx.inflight {
-            ctx.inflight = false;
-            let route = self.route_label(ctx);
-            self.shared
-                .metrics
-                .inflight_requests
-                .with_label_values(&[route.as_str()])
-                .dec();
-            if let Some(start) = ctx.attempt_started.take() {
-                let d = start.elapsed();
-                ctx.upstream_time += d;
-                self.shared
-                    .metrics
-                    .upstream_duration_seconds
-                    .with_label_values(&[route.as_str()])
-                    .observe(secs_f64(d));
-            }
-        }
+    /// Ends the attempt in flight, if any: its upstream time is counted and observed, its
+    /// in-flight gauge given back. Returns when its slots were granted.
+    fn end_attempt(&self, ctx: &mut Ctx) -> Option<tokio::time::Instant> {
+        let attempt = ctx.attempt.take()?;
+        let d = attempt.started.elapsed();
+        ctx.upstream_time += d;
+        self.state
+            .metrics()
+            .upstream_duration_seconds
+            .with_label_values(&[self.route_label(ctx).as_str()])
+            .observe(d.as_secs_f64());
+        attempt.granted_at
     }
 
     /// Applies the retry policy to an attempt's outcome. On `Retry` the next `upstream_peer`
@@ -260,10 +251,14 @@ impl Proxy {
             },
         );
         if let Verdict::Retry { delay, reason } = verdict {
-            let paced = matches!(outcome, Outcome::Status(429, _)) && !ctx.buckets.is_empty();
-            ctx.pending_retry = Some(PendingRetry { delay, paced });
-            self.shared
-                .metrics
+            let status = match outcome {
+                Outcome::Status(status, _) => status,
+                _ => 0,
+            };
+            let paced = !ctx.buckets.is_empty();
+            ctx.pending_retry = Some(throttle::retry_wait(status, delay, paced));
+            self.state
+                .metrics()
                 .retries_total
                 .with_label_values(&[self.route_label(ctx).as_str(), reason])
                 .inc();
@@ -273,59 +268,6 @@ impl Proxy {
         }
         verdict
     }
-
-    /// An upstream 429: pause and slow the budgets it was charged to, log and count it once.
-    fn throttled(&self, ctx: &Ctx, retry_after: Option<Duration>) {
-        let route = self.route_label(ctx);
-        let pause = retry_after.unwrap_or(Duration::from_secs(1));
-        let granted_at = ctx
-            .grant_time
-            .or(ctx.sent_at)
-            .unwrap_or_else(tokio::time::Instant::now);
-        let lowered = self
-            .shared
-            .pacer
-            .throttle(&ctx.buckets, retry_after, pause, granted_at);
-        let mut names: Vec<&str> = ctx.buckets.iter().map(|b| &*b.budget).collect();
-        names.dedup();
-        for name in &names {
-            self.shared
-                .metrics
-                .budget_throttles_total
-                .with_label_values(&[name])
-                .inc();
-            self.shared.record_throttle(ThrottleEvent {
-                unix_time: unix_now(),
-                budget: name.to_string(),
-                route: route.clone(),
-                retry_after_seconds: retry_after.map_or(0, |d| d.as_secs()),
-            });
-        }
-        self.shared.refresh_rates();
-        tracing::warn!(
-            route = %route,
-            budgets = ?names,
-            lowered = ?lowered,
-            retry_after_s = retry_after.map(|d| d.as_secs_f64()),
-            "upstream throttled (429): budgets paused"
-        );
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A bucket key from a secret such as a bearer token: SHA-256, truncated. Only the hash is kept;
-/// it is the same on every replica (cluster mode shares buckets by it).
-pub fn key_hash(value: &[u8]) -> [u8; 16] {
-    let digest = Sha256::digest(value);
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
-    out
 }
 
 fn is_idempotent(m: &http::Method) -> bool {
@@ -370,37 +312,32 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        self.shared.active.fetch_add(1, Ordering::SeqCst);
         Ctx {
             arrived: Instant::now(),
+            active: Some(self.state.request_started()),
             config: None,
             route: None,
             buckets: Vec::new(),
-            ticket: None,
-            queued: false,
-            inflight: false,
+            queued: None,
+            attempt: None,
+            pending_retry: None,
             waited: Duration::ZERO,
             attempts: 0,
-            attempt_started: None,
-            sent_at: None,
-            granted_at: None,
-            grant_time: None,
             upstream_time: Duration::ZERO,
-            pending_retry: None,
             reason: None,
             body_bytes: 0,
             body_read_up_front: false,
             client_gone: false,
-            counted: false,
+            logged: false,
         }
     }
 
     /// Phase 1 (default: nothing): route, size, admission. `Ok(true)` means answered here.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let cfg = self.shared.config.load_full();
+        let cfg = self.state.config();
         ctx.config = Some(cfg.clone());
-        if self.shared.is_draining() {
-            let a = Answer::new(
+        if self.state.is_draining() {
+            let a = LocalResponse::new(
                 Reason::ShuttingDown,
                 "shiftgate is shutting down; try again",
             )
@@ -411,7 +348,7 @@ impl ProxyHttp for Proxy {
         let req = session.req_header();
         let Some(route_index) = find_route(&cfg.routes, &req.method, req.uri.path()) else {
             let msg = format!("no route for {} {}", req.method, req.uri.path());
-            self.answer(session, ctx, Answer::new(Reason::NoRoute, msg))
+            self.answer(session, ctx, LocalResponse::new(Reason::NoRoute, msg))
                 .await;
             return Ok(true);
         };
@@ -426,7 +363,7 @@ impl ProxyHttp for Proxy {
             .and_then(|v| v.trim().parse::<usize>().ok());
         if declared.is_some_and(|n| n > max) {
             let msg = format!("the request body exceeds {max} bytes");
-            self.answer(session, ctx, Answer::new(Reason::BodyTooLarge, msg))
+            self.answer(session, ctx, LocalResponse::new(Reason::BodyTooLarge, msg))
                 .await;
             return Ok(true);
         }
@@ -451,7 +388,7 @@ impl ProxyHttp for Proxy {
             retry: false,
             not_after: None,
         };
-        match self.shared.pacer.admit(demand) {
+        match self.state.pacer().admit(demand) {
             Ok(ticket) => {
                 self.enter_queue(ctx, ticket, &route.name);
                 Ok(false)
@@ -472,7 +409,7 @@ impl ProxyHttp for Proxy {
                         format!("{depth} requests are waiting already; try again later"),
                     ),
                 };
-                let a = Answer::new(reason, msg).retry_after(rejection.retry_after());
+                let a = LocalResponse::new(reason, msg).retry_after(rejection.retry_after());
                 self.answer(session, ctx, a).await;
                 Ok(true)
             }
@@ -509,10 +446,10 @@ impl ProxyHttp for Proxy {
         let cfg = ctx.config.clone().expect("set in request_filter");
         let route = ctx.route(&cfg).expect("routed in request_filter");
 
-        if let Some(retry) = ctx.pending_retry.take() {
+        if let Some(wait) = ctx.pending_retry.take() {
             let started = Instant::now();
-            if !retry.paced {
-                let sleep = tokio::time::sleep(retry.delay);
+            if let RetryWait::Sleep(delay) = wait {
+                let sleep = tokio::time::sleep(delay);
                 if Self::unless_client_leaves(session, sleep).await.is_none() {
                     return Err(self.client_left(ctx));
                 }
@@ -526,7 +463,7 @@ impl ProxyHttp for Proxy {
                     retry: true,
                     not_after: Some(not_after),
                 };
-                match self.shared.pacer.admit(demand) {
+                match self.state.pacer().admit(demand) {
                     Ok(t) => self.enter_queue(ctx, t, &route.name),
                     Err(e) => {
                         return Error::e_explain(
@@ -540,18 +477,16 @@ impl ProxyHttp for Proxy {
             ctx.upstream_time += started.elapsed();
         }
 
-        if let Some(mut ticket) = ctx.ticket.take() {
-            let waited = Self::unless_client_leaves(session, ticket.granted()).await;
-            self.leave_queue(ctx);
+        let mut granted_at = None;
+        if let Some(mut queued) = ctx.queued.take() {
+            let waited = Self::unless_client_leaves(session, queued.ticket.granted()).await;
+            drop(queued);
             match waited {
-                None => {
-                    drop(ticket);
-                    return Err(self.client_left(ctx));
-                }
+                None => return Err(self.client_left(ctx)),
                 Some(Err(_closed)) => {
                     // Dropped from the queue: shutdown past its drain, or a retry past its
                     // deadline.
-                    let reason = if self.shared.is_draining() {
+                    let reason = if self.state.is_draining() {
                         Reason::ShuttingDown
                     } else {
                         Reason::UpstreamTimeout
@@ -565,15 +500,9 @@ impl ProxyHttp for Proxy {
                 Some(Ok(grant)) => {
                     if ctx.attempts == 0 {
                         ctx.waited = grant.waited;
-                        self.shared
-                            .metrics
-                            .queue_wait_seconds
-                            .with_label_values(&[route.name.as_str()])
-                            .observe(secs_f64(grant.waited));
+                        self.observe_queue_wait(&route.name, grant.waited);
                     }
-                    ctx.sent_at = Some(grant.at);
-                    ctx.granted_at = Some(grant.at);
-                    ctx.grant_time = Some(grant.at);
+                    granted_at = Some(grant.at);
                     grant.commit();
                 }
             }
@@ -581,21 +510,14 @@ impl ProxyHttp for Proxy {
             // unreachable by construction: a paced route always holds a ticket here
             return Error::e_explain(ErrorType::InternalError, "paced request without a ticket");
         }
-        if ctx.sent_at.is_none() || ctx.buckets.is_empty() {
-            ctx.sent_at = Some(tokio::time::Instant::now());
-        }
         if ctx.attempts == 0 && ctx.buckets.is_empty() {
-            self.shared
-                .metrics
-                .queue_wait_seconds
-                .with_label_values(&[route.name.as_str()])
-                .observe(0.0);
+            self.observe_queue_wait(&route.name, Duration::ZERO);
         }
 
         let upstream = &cfg.upstreams[route.upstream];
         let addrs = match self
-            .shared
-            .resolver
+            .state
+            .resolver()
             .resolve(&upstream.host, upstream.port)
             .await
         {
@@ -609,13 +531,12 @@ impl ProxyHttp for Proxy {
         // Spread attempts over the addresses; a retry after a failed connect takes the next.
         let addr = addrs[(ctx.attempts as usize) % addrs.len()];
         ctx.attempts += 1;
-        ctx.attempt_started = Some(Instant::now());
-        ctx.inflight = true;
-        self.shared
-            .metrics
-            .inflight_requests
-            .with_label_values(&[route.name.as_str()])
-            .inc();
+        let inflight = &self.state.metrics().inflight_requests;
+        ctx.attempt = Some(AttemptState {
+            started: Instant::now(),
+            _inflight: GaugeGuard::new(inflight.with_label_values(&[route.name.as_str()])),
+            granted_at,
+        });
 
         let sni = if upstream.tls {
             upstream.host.clone()
@@ -644,11 +565,11 @@ impl ProxyHttp for Proxy {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let now = tokio::time::Instant::now();
-        if let Some(granted) = ctx.granted_at.take() {
-            self.shared.pacer.sent(&ctx.buckets, granted, now);
+        let granted = ctx.attempt.as_ref().and_then(|a| a.granted_at);
+        if let Some(granted) = granted {
+            let now = tokio::time::Instant::now();
+            self.state.pacer().sent(&ctx.buckets, granted, now);
         }
-        ctx.sent_at = Some(now);
         Ok(())
     }
 
@@ -705,10 +626,10 @@ impl ProxyHttp for Proxy {
         if upstream_response.status.is_informational() {
             return Ok(());
         }
-        self.end_attempt(ctx);
+        let granted_at = self.end_attempt(ctx);
         let route = self.route_label(ctx);
-        self.shared
-            .metrics
+        self.state
+            .metrics()
             .upstream_responses_total
             .with_label_values(&[route.as_str(), status.to_string().as_str()])
             .inc();
@@ -721,7 +642,9 @@ impl ProxyHttp for Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
         if status == 429 && !ctx.buckets.is_empty() {
-            self.throttled(ctx, retry_after);
+            let granted_at = granted_at.unwrap_or_else(tokio::time::Instant::now);
+            self.state
+                .upstream_throttled(&route, &ctx.buckets, retry_after, granted_at);
         }
         match self.judge(session, ctx, Outcome::Status(status, retry_after)) {
             Verdict::Retry { .. } => Err(retry_error(status)),
@@ -738,7 +661,7 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         // Stopping: tell the client to reconnect (to the new process, after an upgrade)
         // between requests rather than have an idle keep-alive connection cut under it.
-        if !self.shared.keep_alive() {
+        if !self.state.keep_alive() {
             session.set_keepalive(None);
         }
         add_shiftgate_headers(upstream_response, ctx);
@@ -804,7 +727,7 @@ impl ProxyHttp for Proxy {
     /// The final error: our JSON answer (default: a bare status page).
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         self.end_attempt(ctx);
-        self.leave_queue(ctx);
+        ctx.queued = None;
         let reason = ctx.reason.or(match e.etype() {
             ErrorType::HTTPStatus(413) => Some(Reason::BodyTooLarge),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => Some(Reason::UpstreamTimeout),
@@ -834,7 +757,7 @@ impl ProxyHttp for Proxy {
                     Reason::BodyTooLarge => "the request body is too large".to_string(),
                     _ => e.to_string(),
                 };
-                let mut a = Answer::new(reason, msg);
+                let mut a = LocalResponse::new(reason, msg);
                 if reason == Reason::ShuttingDown {
                     a = a.retry_after(Duration::from_secs(1));
                 }
@@ -855,23 +778,23 @@ impl ProxyHttp for Proxy {
 
     /// Metrics and the access line (default: nothing).
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if ctx.counted {
+        if ctx.logged {
             return;
         }
-        ctx.counted = true;
-        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        ctx.logged = true;
+        ctx.active = None;
         self.end_attempt(ctx);
-        self.leave_queue(ctx);
+        ctx.queued = None;
         let route = self.route_label(ctx);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let m = &self.shared.metrics;
+        let m = self.state.metrics();
         if status > 0 && !ctx.client_gone {
             m.requests_total
                 .with_label_values(&[route.as_str(), status.to_string().as_str()])
                 .inc();
             m.request_duration_seconds
                 .with_label_values(&[route.as_str()])
-                .observe(secs_f64(ctx.arrived.elapsed()));
+                .observe(ctx.arrived.elapsed().as_secs_f64());
         } else if !ctx.client_gone && ctx.route.is_some() {
             // Pingora saw the client go during the answer.
             m.client_disconnects_total

@@ -1,11 +1,10 @@
 //! Config reload: all or nothing. The new file is read and validated off the request path,
 //! then swapped in with one store; a broken file changes nothing and is counted.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, ConfigErrors};
-use crate::shared::{ReloadRecord, Shared};
+use crate::state::{ReloadRecord, State};
 
 /// What a successful reload did.
 #[derive(Debug, Clone)]
@@ -18,22 +17,22 @@ pub struct Reloaded {
 }
 
 /// Reloads the config file. `trigger` names what asked for it, for the log.
-pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErrors> {
+pub fn reload(state: &State, trigger: &str) -> Result<Reloaded, ConfigErrors> {
     // One at a time: a slower read of an older file must not be stored after a newer one.
     static RELOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = RELOADING.lock().unwrap_or_else(|e| e.into_inner());
-    let result = Config::load(&shared.config_path);
-    let m = &shared.metrics;
+    let result = Config::load(state.config_path());
+    let m = state.metrics();
     let now = SystemTime::now();
     match result {
         Err(errors) => {
             m.config_reloads_total.with_label_values(&["failure"]).inc();
             tracing::error!(
                 trigger,
-                path = %shared.config_path.display(),
+                path = %state.config_path().display(),
                 "config reload failed, the old config stays in force:\n{errors}"
             );
-            *shared.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(ReloadRecord {
+            state.record_reload(ReloadRecord {
                 at: now,
                 ok: false,
                 error: Some(errors.to_string()),
@@ -41,7 +40,7 @@ pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErr
             Err(errors)
         }
         Ok(mut new) => {
-            let old = shared.config.load_full();
+            let old = state.config();
             let restart_needed = old.restart_needed(&new);
             // Keys that cannot change live keep their running values; the rest applies.
             new.listen = old.listen;
@@ -51,11 +50,7 @@ pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErr
             new.log = old.log.clone();
             let changed = *old != new;
             if changed {
-                shared
-                    .pacer
-                    .update(&new.budgets, new.queue.max_depth, new.queue.aging);
-                shared.config.store(Arc::new(new));
-                shared.publish_config();
+                state.install_config(new);
             }
             m.config_reloads_total.with_label_values(&["success"]).inc();
             m.config_last_reload_success_timestamp_seconds.set(
@@ -63,12 +58,12 @@ pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErr
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0),
             );
-            *shared.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(ReloadRecord {
+            state.record_reload(ReloadRecord {
                 at: now,
                 ok: true,
                 error: None,
             });
-            let summary = shared.config.load().summary();
+            let summary = state.config().summary();
             if !restart_needed.is_empty() {
                 tracing::warn!(
                     trigger,

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::proxy::Proxy;
-use crate::shared::Shared;
+use crate::state::State;
 
 /// Upper bound of `retry.max_attempts`: Pingora's retry loop is sized once at start.
 pub const MAX_ATTEMPTS_CAP: usize = 50;
@@ -37,7 +36,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let listen = config.listen;
     let workers = config.workers;
     let drain = config.shutdown.drain_timeout;
-    let shared = Shared::new(config, opts.config_path.clone());
+    let state = State::new(config, opts.config_path.clone());
 
     let conf = ServerConf {
         threads: workers,
@@ -71,7 +70,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Proxy {
-            shared: shared.clone(),
+            state: state.clone(),
         },
         "shiftgate proxy",
     );
@@ -88,14 +87,14 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     server.add_service(background_service(
         "admin",
         AdminService {
-            shared: shared.clone(),
+            state: state.clone(),
             listener: std::sync::Mutex::new(Some(admin)),
         },
     ));
     server.add_service(background_service(
         "config watcher",
         Watcher {
-            shared: shared.clone(),
+            state: state.clone(),
         },
     ));
 
@@ -103,11 +102,11 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         "shiftgate listening on {listen}, admin on {}",
-        shared.config.load().admin_listen
+        state.config().admin_listen
     );
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
-            shared: shared.clone(),
+            state: state.clone(),
             phases: std::sync::Mutex::new(Some(phases)),
         }),
     });
@@ -127,7 +126,7 @@ fn bind_reusable(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 struct AdminService {
-    shared: Arc<Shared>,
+    state: Arc<State>,
     listener: std::sync::Mutex<Option<std::net::TcpListener>>,
 }
 
@@ -146,14 +145,14 @@ impl BackgroundService for AdminService {
         };
         // Not stopped by Pingora's shutdown watch: /readyz must keep answering 503 while the
         // proxy drains; the process exit ends it.
-        crate::admin::serve(listener, self.shared.clone(), std::future::pending()).await;
+        crate::admin::serve(listener, self.state.clone(), std::future::pending()).await;
     }
 }
 
 /// Reloads on SIGHUP and when the config file changes (also when it is replaced by rename, or a
 /// Kubernetes ConfigMap swaps its `..data` symlink: the path is stat'ed through the links).
 struct Watcher {
-    shared: Arc<Shared>,
+    state: Arc<State>,
 }
 
 /// What identifies one version of the config file.
@@ -179,7 +178,7 @@ impl BackgroundService for Watcher {
                 None
             }
         };
-        let path = self.shared.config_path.clone();
+        let path = self.state.config_path().to_path_buf();
         let mut stamp = file_stamp(&path);
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         // Upstream names are resolved here, off the request path, and kept fresh.
@@ -190,15 +189,15 @@ impl BackgroundService for Watcher {
                 Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
                 _ = resolve.tick() => {
                     // Its own task: a slow DNS server must not hold up a reload.
-                    let shared = self.shared.clone();
+                    let state = self.state.clone();
                     tokio::spawn(async move {
-                        let config = shared.config.load_full();
-                        shared.resolver.refresh_all(&config).await;
+                        let config = state.config();
+                        state.resolver().refresh_all(&config).await;
                     });
                     continue;
                 }
                 _ = tick.tick() => {
-                    if !self.shared.config.load().watch_file {
+                    if !self.state.config().watch_file {
                         continue;
                     }
                     let now = file_stamp(&path);
@@ -209,16 +208,16 @@ impl BackgroundService for Watcher {
                     "file change"
                 }
             };
-            let shared = self.shared.clone();
+            let state = self.state.clone();
             let _ =
-                tokio::task::spawn_blocking(move || crate::reload::reload(&shared, trigger)).await;
+                tokio::task::spawn_blocking(move || crate::reload::reload(&state, trigger)).await;
         }
     }
 }
 
 /// Pingora's shutdown signals, with a drain before a graceful stop.
 struct Signals {
-    shared: Arc<Shared>,
+    state: Arc<State>,
     phases:
         std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>>>,
 }
@@ -231,8 +230,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let kind = tokio::select! {
             _ = term.recv() => {
-                self.shared.stopping.store(true, Ordering::SeqCst);
-                drain(&self.shared).await;
+                drain(&self.state).await;
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => {
@@ -244,7 +242,7 @@ impl ShutdownSignalWatch for Signals {
                 // process, then stops and drops idle connections: until then every answer
                 // says `Connection: close`, so clients move to the new process between
                 // requests, never in the middle of one.
-                self.shared.stopping.store(true, Ordering::SeqCst);
+                self.state.stop();
                 tracing::info!("SIGQUIT: handing the listening sockets to the new process");
                 ShutdownSignal::GracefulUpgrade
             }
@@ -252,7 +250,7 @@ impl ShutdownSignalWatch for Signals {
         // Pingora now closes the listeners, then sleeps its grace period: exit as soon as the
         // last request in progress has its answer instead.
         if let Some(phases) = self.phases.lock().ok().and_then(|mut p| p.take()) {
-            exit_when_idle(self.shared.clone(), phases);
+            exit_when_idle(self.state.clone(), phases);
         }
         kind
     }
@@ -261,34 +259,34 @@ impl ShutdownSignalWatch for Signals {
 /// SIGTERM: `/readyz` turns 503 and new requests are refused at once; requests already waiting
 /// keep being paced and sent for up to `shutdown.drain_timeout`; what still waits then is
 /// answered 503 `shiftgate.shutting.down`.
-async fn drain(shared: &Arc<Shared>) {
-    shared.draining.store(true, Ordering::SeqCst);
-    let timeout = shared.config.load().shutdown.drain_timeout;
+async fn drain(state: &Arc<State>) {
+    state.start_draining();
+    let timeout = state.config().shutdown.drain_timeout;
     tracing::info!(
-        waiting = shared.pacer.depth(),
+        waiting = state.pacer().depth(),
         "SIGTERM: draining for up to {timeout:?}"
     );
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline && shared.pacer.depth() > 0 {
+    while Instant::now() < deadline && state.pacer().depth() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = shared.pacer.depth();
+    let left = state.pacer().depth();
     if left > 0 {
         tracing::warn!(
             left,
             "drain timeout: answering those still waiting with 503"
         );
-        shared.pacer.close_all();
+        state.pacer().close_all();
     }
     // Let the answers in progress finish (bounded: an upstream may be slow).
     let until = Instant::now() + Duration::from_secs(5).min(timeout + Duration::from_secs(1));
-    while Instant::now() < until && shared.active.load(Ordering::SeqCst) > 0 {
+    while Instant::now() < until && state.active_requests() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn exit_when_idle(
-    shared: Arc<Shared>,
+    state: Arc<State>,
     mut phases: tokio::sync::broadcast::Receiver<pingora::server::ExecutionPhase>,
 ) {
     std::thread::spawn(move || {
@@ -301,7 +299,7 @@ fn exit_when_idle(
                 Err(_) => return,
             }
         }
-        while shared.active.load(Ordering::SeqCst) > 0 {
+        while state.active_requests() > 0 {
             std::thread::sleep(Duration::from_millis(20));
         }
         tracing::info!("all answers sent; exiting");

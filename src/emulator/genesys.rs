@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 /// The Genesys error body (shared with the proxy's own answers).
 pub(crate) fn error_body(status: u16, code: &str, message: &str, context_id: &str) -> Bytes {
-    Bytes::from(crate::answers::genesys_error_body(
+    Bytes::from(crate::local_response::genesys_error_body(
         status, code, message, context_id,
     ))
 }

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tokio::sync::OnceCell;
 
-use crate::store::{Lease, LeaseRequest, SharedAdaptive, SlotStore, StoreError, ThrottleRequest};
+use super::{Lease, LeaseRequest, SharedAdaptive, SlotStore, StoreError, ThrottleRequest};
 
 /// Each slot starts at max(now, tat − τ, paused_until); tat moves to max(tat, start) + T.
 /// Times are microseconds of Redis's clock; slot starts are returned relative to its now.
@@ -57,6 +57,9 @@ return 1
 "#;
 
 /// Keys outlive their last use by this much (a learned rate is remembered for a minute).
+/// A Redis command that takes longer than this counts as Redis being unreachable.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(200);
+
 const KEY_TTL: Duration = Duration::from_secs(120);
 
 pub struct RedisStore {

@@ -66,9 +66,9 @@ impl Reason {
     }
 }
 
-/// One answer of the proxy's own.
+/// One answer the proxy makes itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub struct LocalResponse {
     pub reason: Reason,
     pub message: String,
     /// Whole seconds, at least 1, when the client should try again.
@@ -87,9 +87,9 @@ struct Body<'a> {
     errors: [(); 0],
 }
 
-impl Answer {
-    pub fn new(reason: Reason, message: impl Into<String>) -> Answer {
-        Answer {
+impl LocalResponse {
+    pub fn new(reason: Reason, message: impl Into<String>) -> LocalResponse {
+        LocalResponse {
             reason,
             message: message.into(),
             retry_after: None,
@@ -97,7 +97,7 @@ impl Answer {
         }
     }
 
-    pub fn retry_after(mut self, wait: Duration) -> Answer {
+    pub fn retry_after(mut self, wait: Duration) -> LocalResponse {
         self.retry_after = Some(retry_after_secs(wait));
         self
     }
@@ -105,8 +105,8 @@ impl Answer {
     /// The JSON body.
     ///
     /// ```
-    /// use shiftgate::answers::{Answer, Reason};
-    /// let a = Answer::new(Reason::NoRoute, "no route for GET /x");
+    /// use shiftgate::local_response::{LocalResponse, Reason};
+    /// let a = LocalResponse::new(Reason::NoRoute, "no route for GET /x");
     /// let v: serde_json::Value = serde_json::from_str(&a.body()).unwrap();
     /// assert_eq!(v["code"], "shiftgate.no.route");
     /// assert_eq!(v["status"], 404);
@@ -150,7 +150,7 @@ pub fn genesys_error_body(status: u16, code: &str, message: &str, context_id: &s
 ///
 /// ```
 /// use std::time::Duration;
-/// use shiftgate::answers::retry_after_secs;
+/// use shiftgate::local_response::retry_after_secs;
 /// assert_eq!(retry_after_secs(Duration::ZERO), 1);
 /// assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
 /// assert_eq!(retry_after_secs(Duration::from_secs(42)), 42);

@@ -1,0 +1,228 @@
+//! One bucket's pacing state: its GCRA schedule at the rate in force, its pause, the grants an
+//! upstream 429 is measured against and, in cluster mode, its leased slots. Pure: every method
+//! is a function of (state, now); what a 429 means comes from [`crate::throttle`].
+
+use std::time::Duration;
+
+use crate::budget::{Gcra, Limit, Nanos};
+use crate::config::BudgetSpec;
+use crate::shared_budget::{Lease, LeaseRequest, ThrottleRequest};
+use crate::throttle::{self, Adaptive, WindowLog};
+
+use super::lease::{Leases, NEVER};
+
+/// How late a release may be and still count as on time (timer granularity is 1 ms).
+pub(super) const LATE_SLACK: Nanos = 2_000_000;
+
+#[derive(Debug)]
+pub(super) struct Bucket {
+    gcra: Gcra,
+    burst: u32,
+    pub adaptive: Adaptive,
+    pub paused_until: Nanos,
+    /// What a 429 is measured against to learn the upstream's limit.
+    window: WindowLog,
+    /// In cluster mode: slots leased from the shared store.
+    pub shared: Option<Leases>,
+}
+
+impl Bucket {
+    pub fn new(spec: &BudgetSpec, guard: f64, shared: Option<Leases>) -> Bucket {
+        Bucket {
+            gcra: Gcra::default(),
+            burst: spec.burst,
+            adaptive: Adaptive::new(
+                spec.rate.per_second * guard,
+                spec.min_rate.per_second * guard,
+            ),
+            paused_until: 0,
+            window: WindowLog::default(),
+            shared,
+        }
+    }
+
+    fn leasing(&mut self) -> Option<&mut Leases> {
+        self.shared.as_mut().filter(|l| l.leasing)
+    }
+
+    /// Gives back a slot taken at `now` and not used.
+    pub fn give_back(&mut self, now: Nanos) {
+        if let Some(l) = self.leasing() {
+            l.slots.push_front(now);
+            return;
+        }
+        let limit = self.limit(now);
+        self.gcra.give_back(now, &limit);
+    }
+
+    /// Takes one slot at `at`.
+    pub fn take(&mut self, at: Nanos, now: Nanos) {
+        let limit = self.limit(now);
+        if let Some(l) = self.leasing() {
+            l.used(at);
+            if l.divisor > 1.0 {
+                self.gcra.take(at, &limit);
+            }
+            return;
+        }
+        self.gcra.take(at, &limit);
+        self.window.record(at, self.paused_until);
+    }
+
+    pub fn limit(&self, now: Nanos) -> Limit {
+        let divisor = self.shared.as_ref().map_or(1.0, |l| l.divisor);
+        Limit::new(self.adaptive.rate(now) / divisor, self.burst)
+    }
+
+    /// Earliest time this bucket can grant one slot.
+    pub fn ready_at(&self, now: Nanos) -> Nanos {
+        let local = self.gcra.earliest(&self.limit(now)).max(self.paused_until);
+        match self.shared.as_ref().filter(|l| l.leasing) {
+            Some(l) => {
+                let slot = l
+                    .slots
+                    .front()
+                    .copied()
+                    .unwrap_or(NEVER)
+                    .max(self.paused_until);
+                // In the grace period after an outage, also within our own share.
+                if l.divisor > 1.0 {
+                    slot.max(local)
+                } else {
+                    slot
+                }
+            }
+            None => local,
+        }
+    }
+
+    pub fn conforms(&self, now: Nanos) -> bool {
+        now >= self.ready_at(now)
+    }
+
+    /// Start of the request `ahead` places behind the current state (see [`Gcra::predict`]).
+    pub fn predict(&self, now: Nanos, ahead: u64) -> Nanos {
+        let limit = self.limit(now);
+        self.gcra.predict(now, ahead, &limit).max(self.paused_until)
+    }
+
+    /// The lease this bucket should ask for now, with `waiting` requests on it.
+    pub fn lease_needed(&mut self, waiting: usize, now: Nanos) -> Option<LeaseRequest> {
+        let whole = Limit::new(self.adaptive.rate(now), self.burst);
+        let l = self.shared.as_mut()?;
+        l.needed(waiting, whole, now, now.saturating_sub(LATE_SLACK))
+    }
+
+    /// Fresh, unpaused, at its configured rate, no lease under way: can be forgotten.
+    pub fn is_idle(&self, now: Nanos) -> bool {
+        self.shared
+            .as_ref()
+            .is_none_or(|l| !l.fetching && l.slots.back().is_none_or(|&t| t < now))
+            && self.gcra.is_idle(now)
+            && self.paused_until <= now
+            && self.adaptive.is_settled(now)
+    }
+
+    /// An upstream 429 on a request granted at `sent`: learn from it (the rate in force), pause
+    /// until `until`, then one probe. Returns whether the rate was lowered and, in cluster mode,
+    /// what to tell the other replicas.
+    pub fn throttle(
+        &mut self,
+        now: Nanos,
+        sent: Nanos,
+        until: Nanos,
+        retry_after: Option<Duration>,
+        pause: Duration,
+        guard: f64,
+    ) -> (bool, Option<ThrottleRequest>) {
+        // A replica sees only its own share of what went through: nothing to learn from.
+        let estimate = match self.shared {
+            Some(_) => None,
+            None => self.window.estimate(sent, retry_after).map(|r| r * guard),
+        };
+        let lowered = self.adaptive.throttled(now, sent, estimate);
+        let tell = self.shared.as_ref().map(|l| ThrottleRequest {
+            key: l.key.clone(),
+            pause,
+            tolerance: Duration::from_nanos(self.limit(now).tolerance),
+            lowered: lowered.then(|| self.adaptive.state()),
+        });
+        if let Some(l) = self.shared.as_mut() {
+            // Our own leased slots inside the pause are void.
+            l.slots.retain(|&t| t >= until);
+        }
+        if until > self.paused_until {
+            self.paused_until = until;
+            let limit = self.limit(now);
+            throttle::probe_after(&mut self.gcra, until, &limit);
+        }
+        (lowered, tell)
+    }
+
+    /// A lease from the store, whose answer is taken to have been given at `base`.
+    pub fn apply_lease(&mut self, lease: &Lease, base: Nanos) {
+        if let Some(a) = lease.adaptive {
+            let at = base.saturating_sub(a.ago.as_nanos() as Nanos);
+            self.adaptive.adopt(a.lowered, a.ceiling, at);
+        }
+        let paused = base.saturating_add(lease.paused_for.as_nanos() as Nanos);
+        if lease.paused_for > Duration::ZERO && paused > self.paused_until {
+            self.paused_until = paused;
+        }
+        let until = self.paused_until;
+        if let Some(l) = self.shared.as_mut() {
+            l.fetching = false;
+            l.slots.extend(
+                lease
+                    .slots
+                    .iter()
+                    .map(|d| base + d.as_nanos() as Nanos)
+                    .filter(|&t| t >= until),
+            );
+        }
+    }
+
+    /// The store is unreachable: pace locally at `1 / divisor` of the rate, after the slots
+    /// already leased (they stay reserved in the store, so the two never overlap).
+    pub fn store_down(&mut self, now: Nanos, divisor: f64) {
+        if let Some(l) = self.shared.as_mut() {
+            let last = l.slots.back().copied().unwrap_or(now);
+            l.slots.clear();
+            l.leasing = false;
+            l.fetching = false;
+            l.divisor = divisor;
+            self.gcra.tat = self.gcra.tat.max(last);
+        }
+    }
+
+    /// The store answers again: lease again, staying within our own share until `grace_until`.
+    pub fn store_up(&mut self, grace_until: Nanos) {
+        if let Some(l) = self.shared.as_mut() {
+            l.leasing = true;
+            l.grace_until = grace_until;
+        }
+    }
+
+    /// A request granted here left at `sent`, later than its grant: move the schedule with it.
+    pub fn sent_late(&mut self, sent: Nanos) {
+        let limit = self.limit(sent);
+        self.gcra.tat = self.gcra.tat.max(sent + limit.interval);
+    }
+
+    /// A new definition (reload): it keeps its place in time and takes the new rate at once.
+    pub fn reconfigure(&mut self, spec: &BudgetSpec, guard: f64, now: Nanos) {
+        let old = self.limit(now);
+        self.burst = spec.burst;
+        self.adaptive.reconfigure(
+            spec.rate.per_second * guard,
+            spec.min_rate.per_second * guard,
+        );
+        let new = self.limit(now);
+        // The time still owed at the old rate is owed at the new one instead, so a slower rate
+        // cannot keep those waiting for long after a faster one came.
+        if self.gcra.tat > now && old.interval != new.interval {
+            let owed = (self.gcra.tat - now) as f64 * new.interval as f64 / old.interval as f64;
+            self.gcra.tat = now + owed as Nanos;
+        }
+    }
+}

@@ -1,0 +1,923 @@
+//! The queue's decisions, as a pure function of (state, now): whom to admit, whom to release,
+//! and which leases cluster mode needs. No clock, no I/O, no tasks: [`super::Pacer`] reads the
+//! clock, delivers the releases and fetches the leases.
+//!
+//! Invariant: a waiting request holds no slot; slots are taken from all its buckets together at
+//! the moment it is released, so waiting for one budget never burns a slot of another.
+//!
+//! # Order
+//! Every waiter has an [`OrderKey`]: retries first (they were admitted before everyone now
+//! waiting), then by `arrival + level·aging` (a high request gets a head start of `aging` over a
+//! normal one, which gets the same over a low one; hence FIFO within a priority, and a request
+//! of a lower priority is never passed by one that arrived more than `aging` per level after it).
+//!
+//! # Release
+//! A waiter's buckets are ordered keyed ones first (a token's bucket), global ones last. A waiter
+//! can be released only when it is first in its first bucket's queue (so only these heads are
+//! candidates); candidates are tried in order, each claiming the buckets it could take before it
+//! was stopped, so that a later candidate may use a bucket an earlier one does not need now
+//! (a token that has spent its own budget does not hold back the shared presence budget), but
+//! never one that an earlier candidate is ready for.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::budget::Nanos;
+use crate::config::BudgetSpec;
+use crate::shared_budget::{Lease, LeaseRequest, ThrottleRequest};
+
+use super::bucket::{Bucket, LATE_SLACK};
+use super::lease::{ClusterState, STORE_PROBE};
+use super::{BucketKey, BudgetView, Demand, Rejection};
+
+/// How often idle keyed buckets are looked for and dropped.
+const SWEEP_EVERY: Nanos = 10_000_000_000;
+
+/// Queue order; smaller goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OrderKey {
+    /// 0 for a retry, 1 otherwise.
+    class: u8,
+    /// Arrival plus the priority's handicap, ns.
+    at: u64,
+    seq: u64,
+}
+
+/// A bucket and the requests waiting on it.
+#[derive(Debug)]
+struct Lane {
+    bucket: Bucket,
+    /// Everyone waiting on this bucket, in order.
+    waiting: BTreeMap<OrderKey, u64>,
+    /// The waiters whose first bucket this is: the first of them is a release candidate.
+    firsts: BTreeMap<OrderKey, u64>,
+    /// Set when its budget left the config: it drains its queue and is then dropped.
+    orphan: bool,
+}
+
+#[derive(Debug)]
+struct Waiter<W> {
+    order: OrderKey,
+    buckets: Vec<BucketKey>,
+    arrived: Nanos,
+    not_after: Option<Nanos>,
+    /// What the caller delivers the release through.
+    payload: W,
+}
+
+/// The outcome of an admission that was not refused.
+#[derive(Debug)]
+pub enum Admitted<W> {
+    /// Waiting, with this id, predicted to start after this long.
+    Queued { id: u64, predicted: Duration },
+    /// Nothing to wait for (no known budget): go now.
+    Now(W),
+}
+
+/// A waiter whose slots were all taken at `taken_at`.
+#[derive(Debug)]
+pub struct Release<W> {
+    pub id: u64,
+    pub buckets: Vec<BucketKey>,
+    pub arrived: Nanos,
+    pub taken_at: Nanos,
+    pub payload: W,
+}
+
+/// What one pass decided.
+#[derive(Debug)]
+pub struct Pass<W> {
+    pub released: Vec<Release<W>>,
+    /// Leases to ask the shared store for (cluster mode).
+    pub leases: Vec<(BucketKey, LeaseRequest)>,
+    /// When to look again, if anything waits.
+    pub wake: Option<Nanos>,
+}
+
+/// The queue: every bucket, every waiter, and the indexes that keep a pass cheap.
+#[derive(Debug)]
+pub struct Queue<W> {
+    specs: HashMap<Arc<str>, BudgetSpec>,
+    lanes: HashMap<BucketKey, Lane>,
+    waiters: HashMap<u64, Waiter<W>>,
+    /// Release candidates, in order: the head of each lane's `firsts`.
+    candidates: BTreeSet<(OrderKey, u64)>,
+    /// How many candidates need each bucket: a scan stops at a blocked bucket that every
+    /// remaining candidate needs.
+    need: HashMap<BucketKey, usize>,
+    /// Buckets with requests waiting on them (where leases may be needed).
+    active: HashSet<BucketKey>,
+    /// Shared buckets that granted in this pass: they may want to lease ahead.
+    prefetch: HashSet<BucketKey>,
+    /// Retries with a deadline, by deadline.
+    deadlines: BTreeSet<(Nanos, u64)>,
+    next_id: u64,
+    max_depth: usize,
+    aging: Nanos,
+    last_sweep: Nanos,
+    /// Pacing runs this fraction of the configured rates (a guard band against jitter).
+    guard: f64,
+    cluster: Option<ClusterState>,
+}
+
+fn specs_by_name(budgets: &[BudgetSpec]) -> HashMap<Arc<str>, BudgetSpec> {
+    budgets
+        .iter()
+        .map(|b| (Arc::from(b.name.as_str()), b.clone()))
+        .collect()
+}
+
+impl<W> Queue<W> {
+    pub fn new(budgets: &[BudgetSpec], max_depth: usize, aging: Duration) -> Queue<W> {
+        Queue {
+            specs: specs_by_name(budgets),
+            lanes: HashMap::new(),
+            waiters: HashMap::new(),
+            candidates: BTreeSet::new(),
+            need: HashMap::new(),
+            active: HashSet::new(),
+            prefetch: HashSet::new(),
+            deadlines: BTreeSet::new(),
+            next_id: 0,
+            max_depth,
+            aging: aging.as_nanos() as Nanos,
+            last_sweep: 0,
+            guard: 1.0,
+            cluster: None,
+        }
+    }
+
+    pub fn set_guard(&mut self, guard: f64) {
+        self.guard = guard.clamp(0.5, 1.0);
+    }
+
+    /// Cluster mode: buckets lease their slots from a shared store under `prefix`.
+    pub fn set_cluster(&mut self, prefix: &str, fallback_replicas: u32) {
+        self.cluster = Some(ClusterState::new(prefix, fallback_replicas));
+    }
+
+    /// The budget's `Arc<str>` name as the queue knows it, for building [`BucketKey`]s.
+    pub fn bucket_key(&self, budget: &str, key: Option<[u8; 16]>) -> BucketKey {
+        let name = self
+            .specs
+            .get_key_value(budget)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| Arc::from(budget));
+        BucketKey { budget: name, key }
+    }
+
+    /// Admission at `now`: queue the request, or refuse it if its slot cannot start within
+    /// `max_wait`. Buckets of unknown budgets are ignored; a request with none goes now.
+    pub fn admit(
+        &mut self,
+        now: Nanos,
+        mut demand: Demand,
+        not_after: Option<Nanos>,
+        payload: W,
+    ) -> Result<Admitted<W>, Rejection> {
+        demand.buckets.sort();
+        demand.buckets.dedup();
+        for b in &demand.buckets {
+            if self.lanes.contains_key(b) {
+                continue;
+            }
+            let Some(spec) = self.specs.get(&b.budget) else {
+                continue;
+            };
+            let leases = self.cluster.as_ref().map(|c| c.leases(b));
+            let lane = Lane {
+                bucket: Bucket::new(spec, self.guard, leases),
+                waiting: BTreeMap::new(),
+                firsts: BTreeMap::new(),
+                orphan: false,
+            };
+            self.lanes.insert(b.clone(), lane);
+        }
+        demand.buckets.retain(|b| self.lanes.contains_key(b));
+        // Narrowest first (keyed, then the slowest): see the module doc.
+        demand.buckets.sort_by(|a, b| {
+            let rate = |k: &BucketKey| self.lanes[k].bucket.adaptive.configured;
+            (a.key.is_none(), rate(a))
+                .partial_cmp(&(b.key.is_none(), rate(b)))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+
+        let id = self.next_id;
+        self.next_id += 1;
+        let level = u64::from(demand.priority.level());
+        let order = OrderKey {
+            class: if demand.retry { 0 } else { 1 },
+            at: now + level * self.aging,
+            seq: id,
+        };
+        let predicted = Duration::from_nanos(self.predict(now, &demand.buckets, &order) - now);
+        if !demand.retry {
+            if self.waiters.len() >= self.max_depth {
+                // Honest hint: when the queue ahead should have drained by.
+                return Err(Rejection::Full {
+                    depth: self.waiters.len(),
+                    retry_after: predicted.max(Duration::from_secs(1)),
+                });
+            }
+            if predicted > demand.max_wait {
+                return Err(Rejection::TooLong { wait: predicted });
+            }
+        }
+        let Some(first) = demand.buckets.first().cloned() else {
+            return Ok(Admitted::Now(payload));
+        };
+        for b in &demand.buckets {
+            let lane = self.lanes.get_mut(b).expect("inserted above");
+            lane.waiting.insert(order, id);
+            self.active.insert(b.clone());
+        }
+        self.waiters.insert(
+            id,
+            Waiter {
+                order,
+                buckets: demand.buckets,
+                arrived: now,
+                not_after,
+                payload,
+            },
+        );
+        self.firsts_insert(&first, order, id);
+        if let Some(t) = not_after {
+            self.deadlines.insert((t, id));
+        }
+        Ok(Admitted::Queued { id, predicted })
+    }
+
+    /// Requests waiting now.
+    pub fn depth(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Removes a waiter (it left); true when it was still waiting.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        self.remove(id).is_some()
+    }
+
+    /// Removes every waiter (shutdown past its drain); returns their payloads.
+    pub fn close_all(&mut self) -> Vec<W> {
+        let ids: Vec<u64> = self.waiters.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| self.remove(id))
+            .map(|w| w.payload)
+            .collect()
+    }
+
+    /// Slots taken at `now` and not used come back.
+    pub fn give_back(&mut self, buckets: &[BucketKey], now: Nanos) {
+        for key in buckets {
+            if let Some(l) = self.lanes.get_mut(key) {
+                l.bucket.give_back(now);
+            }
+        }
+    }
+
+    /// An upstream 429 on a request granted at `sent` and charged to `buckets`: each learns,
+    /// pauses for `pause` and then lets one probe go (see [`crate::throttle`]). Returns the
+    /// budgets whose rate was lowered and what to tell the other replicas.
+    pub fn throttle(
+        &mut self,
+        buckets: &[BucketKey],
+        retry_after: Option<Duration>,
+        pause: Duration,
+        sent: Nanos,
+        now: Nanos,
+    ) -> (Vec<String>, Vec<ThrottleRequest>) {
+        let until = now.saturating_add(pause.as_nanos().min(u128::from(u64::MAX)) as Nanos);
+        let mut lowered = Vec::new();
+        let mut tell = Vec::new();
+        for key in buckets {
+            let Some(l) = self.lanes.get_mut(key) else {
+                continue;
+            };
+            let (was_lowered, t) =
+                l.bucket
+                    .throttle(now, sent, until, retry_after, pause, self.guard);
+            if was_lowered {
+                lowered.push(key.budget.to_string());
+            }
+            tell.extend(t);
+        }
+        (lowered, tell)
+    }
+
+    /// A request granted at `granted` left at `sent`. One that left later than its grant (a
+    /// loaded process, a slow connect) moves its buckets' schedule as if granted then, so the
+    /// spacing holds on the wire and not only here: an upstream window opened by a late
+    /// request must not see the request N slots later arrive inside it.
+    pub fn sent(&mut self, buckets: &[BucketKey], granted: Nanos, sent: Nanos) {
+        if sent.saturating_sub(granted) <= LATE_SLACK {
+            return;
+        }
+        for key in buckets {
+            if let Some(l) = self.lanes.get_mut(key) {
+                l.bucket.sent_late(sent);
+            }
+        }
+    }
+
+    /// A lease for `key` arrived; the store's answer is taken to have been given at `base`.
+    pub fn lease_arrived(&mut self, key: &BucketKey, lease: &Lease, base: Nanos) {
+        if let Some(l) = self.lanes.get_mut(key) {
+            l.bucket.apply_lease(lease, base);
+        }
+    }
+
+    /// A lease for `key` did not arrive.
+    pub fn lease_failed(&mut self, key: &BucketKey) {
+        if let Some(l) = self
+            .lanes
+            .get_mut(key)
+            .and_then(|l| l.bucket.shared.as_mut())
+        {
+            l.fetching = false;
+        }
+    }
+
+    /// The store stopped answering at `now`: every bucket paces locally at its fallback share.
+    /// Returns the fallback divisor when this is news (the store was up until now).
+    pub fn store_down(&mut self, now: Nanos) -> Option<u32> {
+        let c = self.cluster.as_mut().filter(|c| c.up)?;
+        c.up = false;
+        c.down_since = Some(now);
+        let replicas = c.fallback_replicas;
+        for l in self.lanes.values_mut() {
+            l.bucket.store_down(now, f64::from(replicas));
+        }
+        Some(replicas)
+    }
+
+    /// The store answers again: buckets lease again, within their own share for a grace
+    /// period (other replicas may find the store up to one probe later).
+    pub fn store_up(&mut self, now: Nanos) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        c.up = true;
+        if let Some(since) = c.down_since.take() {
+            c.fallback_total += Duration::from_nanos(now.saturating_sub(since));
+        }
+        let grace = now + 2 * STORE_PROBE.as_nanos() as Nanos;
+        for l in self.lanes.values_mut() {
+            l.bucket.store_up(grace);
+        }
+    }
+
+    /// In cluster mode: whether the store answers, and the time spent on the fallback share.
+    pub fn store_status(&self, now: Nanos) -> Option<(bool, Duration)> {
+        let c = self.cluster.as_ref()?;
+        let current = c.down_since.map_or(Duration::ZERO, |t| {
+            Duration::from_nanos(now.saturating_sub(t))
+        });
+        Some((c.up, c.fallback_total + current))
+    }
+
+    pub fn store_is_up(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.up)
+    }
+
+    /// New budget definitions (reload). Buckets of unchanged budgets keep their state; changed
+    /// ones keep their place in time and take the new rate at once; waiters of removed budgets
+    /// are still served by their old buckets.
+    pub fn update(
+        &mut self,
+        budgets: &[BudgetSpec],
+        max_depth: usize,
+        aging: Duration,
+        now: Nanos,
+    ) {
+        self.specs = specs_by_name(budgets);
+        self.max_depth = max_depth;
+        self.aging = aging.as_nanos() as Nanos;
+        for (key, l) in self.lanes.iter_mut() {
+            match self.specs.get(&key.budget) {
+                Some(spec) => {
+                    l.orphan = false;
+                    l.bucket.reconfigure(spec, self.guard, now);
+                }
+                None => l.orphan = true,
+            }
+        }
+    }
+
+    /// The rate in force and state of every configured budget.
+    pub fn view(&self, now: Nanos) -> Vec<BudgetView> {
+        let mut views: Vec<BudgetView> = self
+            .specs
+            .values()
+            .map(|s| BudgetView {
+                name: s.name.clone(),
+                configured_rate: s.rate.per_second,
+                rate_in_force: s.rate.per_second,
+                keys: 0,
+                waiting: 0,
+                paused_for: Duration::ZERO,
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        for (key, l) in &self.lanes {
+            let Some(v) = views.iter_mut().find(|v| *v.name == *key.budget) else {
+                continue;
+            };
+            v.keys += 1;
+            v.waiting += l.waiting.len();
+            let r = l.bucket.adaptive.rate(now);
+            // At its full rate a bucket reads exactly the configured rate (r / guard is not
+            // always that in floating point).
+            if r < l.bucket.adaptive.configured {
+                v.rate_in_force = v.rate_in_force.min(r / self.guard);
+            }
+            let paused = Duration::from_nanos(l.bucket.paused_until.saturating_sub(now));
+            v.paused_for = v.paused_for.max(paused);
+        }
+        views
+    }
+
+    /// Releases every waiter that can go at `now`, and says which leases are needed and when
+    /// to look again.
+    pub fn pass(&mut self, now: Nanos) -> Pass<W> {
+        let (released, wake) = self.release(now);
+        let mut leases = Vec::new();
+        let prefetch = std::mem::take(&mut self.prefetch);
+        if self.store_is_up() {
+            for key in self.active.iter().chain(prefetch.difference(&self.active)) {
+                let Some(l) = self.lanes.get_mut(key) else {
+                    continue;
+                };
+                if let Some(req) = l.bucket.lease_needed(l.waiting.len(), now) {
+                    leases.push((key.clone(), req));
+                }
+            }
+        }
+        Pass {
+            released,
+            leases,
+            wake,
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Waiter<W>> {
+        let (first, order) = {
+            let w = self.waiters.get(&id)?;
+            (w.buckets.first().cloned(), w.order)
+        };
+        if let Some(first) = first {
+            self.firsts_remove(&first, &order);
+        }
+        let w = self.waiters.remove(&id)?;
+        for b in &w.buckets {
+            if let Some(l) = self.lanes.get_mut(b) {
+                l.waiting.remove(&w.order);
+                if l.waiting.is_empty() {
+                    self.active.remove(b);
+                }
+            }
+        }
+        if let Some(t) = w.not_after {
+            self.deadlines.remove(&(t, id));
+        }
+        Some(w)
+    }
+
+    fn head(&self, key: &BucketKey) -> Option<(OrderKey, u64)> {
+        self.lanes[key]
+            .firsts
+            .first_key_value()
+            .map(|(o, i)| (*o, *i))
+    }
+
+    /// Adds a waiter to a lane's `firsts`, keeping the candidate index in step.
+    fn firsts_insert(&mut self, key: &BucketKey, order: OrderKey, id: u64) {
+        let before = self.head(key);
+        self.lanes
+            .get_mut(key)
+            .expect("lane exists")
+            .firsts
+            .insert(order, id);
+        self.head_changed(key, before);
+    }
+
+    fn firsts_remove(&mut self, key: &BucketKey, order: &OrderKey) {
+        if !self.lanes.contains_key(key) {
+            return;
+        }
+        let before = self.head(key);
+        self.lanes
+            .get_mut(key)
+            .expect("checked")
+            .firsts
+            .remove(order);
+        self.head_changed(key, before);
+    }
+
+    fn head_changed(&mut self, key: &BucketKey, before: Option<(OrderKey, u64)>) {
+        let after = self.head(key);
+        if before == after {
+            return;
+        }
+        if let Some(h) = before {
+            self.candidates.remove(&h);
+            for b in &self.waiters[&h.1].buckets {
+                if let Some(n) = self.need.get_mut(b) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.need.remove(b);
+                    }
+                }
+            }
+        }
+        if let Some(h) = after {
+            self.candidates.insert(h);
+            for b in &self.waiters[&h.1].buckets {
+                *self.need.entry(b.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// Predicted start of a request with `order` on `buckets`: each bucket's state plus one
+    /// interval per request queued ahead of it there; the latest bucket decides.
+    fn predict(&self, now: Nanos, buckets: &[BucketKey], order: &OrderKey) -> Nanos {
+        let mut at = now;
+        for key in buckets {
+            let l = &self.lanes[key];
+            let ahead = match l.waiting.last_key_value() {
+                Some((last, _)) if last < order => l.waiting.len(),
+                _ => l.waiting.range(..*order).count(),
+            } as u64;
+            at = at.max(l.bucket.predict(now, ahead));
+        }
+        at
+    }
+
+    /// One scan of the candidates in order. A candidate that cannot go claims the buckets it
+    /// could take (see the module doc); one that can is released, and the scan goes on after
+    /// it: releasing it changes only its own buckets, and the candidate that replaces it comes
+    /// later in the order. So a pass costs one visit per candidate, however many are blocked.
+    fn release(&mut self, now: Nanos) -> (Vec<Release<W>>, Option<Nanos>) {
+        self.expire(now);
+        let mut released = Vec::new();
+        let mut wake: Option<Nanos> = self.deadlines.first().map(|(t, _)| *t);
+        let mut claimed: HashSet<BucketKey> = HashSet::new();
+        let mut cursor: Option<(OrderKey, u64)> = None;
+        loop {
+            let next = match cursor {
+                None => self.candidates.first().copied(),
+                Some(c) => self
+                    .candidates
+                    .range((Bound::Excluded(c), Bound::Unbounded))
+                    .next()
+                    .copied(),
+            };
+            let Some((order, id)) = next else { break };
+            cursor = Some((order, id));
+            let w = &self.waiters[&id];
+            let mut mine = Vec::new();
+            let mut blocked_by = None;
+            for key in &w.buckets {
+                if claimed.contains(key) {
+                    blocked_by = Some(key);
+                    break;
+                }
+                let b = &self.lanes[key].bucket;
+                if !b.conforms(now) {
+                    let at = b.ready_at(now);
+                    wake = Some(wake.map_or(at, |x| x.min(at)));
+                    blocked_by = Some(key);
+                    break;
+                }
+                mine.push(key.clone());
+            }
+            if let Some(blocked) = blocked_by {
+                // Every candidate needs this bucket (a budget shared by all routes): none of
+                // the rest can go either.
+                if self.need.get(blocked) == Some(&self.candidates.len()) {
+                    break;
+                }
+                claimed.extend(mine);
+                continue;
+            }
+            let w = self.remove(id).expect("candidate is waiting");
+            // The slot is taken at the time it became free (when the waiter was already
+            // there), not at the time the scheduler woke up: timer lateness must not drift the
+            // schedule (1 ms late per slot is 10 % at 100/s). Lateness beyond LATE_SLACK (a
+            // stalled process) is not caught up, so no burst follows a stall.
+            let ready_at = w
+                .buckets
+                .iter()
+                .map(|k| self.lanes[k].bucket.ready_at(now))
+                .max()
+                .unwrap_or(now);
+            let taken_at = ready_at
+                .max(w.arrived)
+                .max(now.saturating_sub(LATE_SLACK))
+                .min(now);
+            for key in &w.buckets {
+                let b = &mut self.lanes.get_mut(key).expect("lane of a waiter").bucket;
+                b.take(taken_at, now);
+                if b.shared.is_some() {
+                    self.prefetch.insert(key.clone());
+                }
+            }
+            released.push(Release {
+                id,
+                buckets: w.buckets,
+                arrived: w.arrived,
+                taken_at,
+                payload: w.payload,
+            });
+            // The bucket that let this one go may let the next candidate go too: look again at
+            // what follows with the claims of those before it still in force.
+        }
+        if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY {
+            self.sweep(now);
+        }
+        (released, wake)
+    }
+
+    /// Drops retries whose own deadline has passed (their caller gives up on them).
+    fn expire(&mut self, now: Nanos) {
+        while let Some(&(t, id)) = self.deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.deadlines.remove(&(t, id));
+            self.remove(id);
+        }
+    }
+
+    /// Forgets buckets that are back to their fresh state, so memory stays bounded with many
+    /// tokens.
+    fn sweep(&mut self, now: Nanos) {
+        self.last_sweep = now;
+        self.lanes.retain(|_, l| {
+            let drained = l.waiting.is_empty();
+            !(drained && (l.bucket.is_idle(now) || l.orphan))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the queue's decisions, driven like the scheduler drives them: after
+    //! each arrival or departure, and at every wake-up it asks for while the clock steps on.
+    //! (Given-back slots and throttles are not drawn: they only ever delay the next grant and
+    //! have unit tests of their own.)
+    use super::*;
+    use crate::config::{Per, Rate};
+    use crate::route::Priority;
+    use proptest::prelude::*;
+
+    const MS: Nanos = 1_000_000;
+    const AGING: Nanos = 50 * MS;
+
+    fn spec(name: &str, rate: f64, burst: u32, per: Per) -> BudgetSpec {
+        BudgetSpec {
+            name: name.into(),
+            rate: Rate::per_second(rate),
+            burst,
+            per,
+            min_rate: Rate::per_second(rate / 10.0),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A request on the budgets in `mask` (bit 0: "fast", 1: "slow", 2: the token budget,
+        /// keyed by `token`), of priority `level`, maybe a retry with a deadline.
+        Arrive {
+            mask: u8,
+            token: u8,
+            level: u8,
+            retry: Option<u16>,
+        },
+        /// The `n`-th request still waiting leaves.
+        Leave(usize),
+        /// The clock moves on by this many microseconds.
+        Step(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u8..8, 0u8..3, 0u8..3, proptest::option::weighted(0.2, 1u16..2000))
+                .prop_map(|(mask, token, level, retry)| Op::Arrive { mask, token, level, retry }),
+            1 => (0usize..50).prop_map(Op::Leave),
+            3 => (0u32..300_000).prop_map(Op::Step),
+        ]
+    }
+
+    struct Waiting {
+        order: OrderKey,
+        buckets: Vec<BucketKey>,
+        not_after: Option<Nanos>,
+    }
+
+    /// The harness: the queue, its clock, and everything it released.
+    struct Run {
+        q: Queue<u64>,
+        now: Nanos,
+        waiting: HashMap<u64, Waiting>,
+        /// Grant times per bucket.
+        grants: HashMap<BucketKey, Vec<Nanos>>,
+        wake: Option<Nanos>,
+    }
+
+    impl Run {
+        /// One pass at `now`, checking each release against what was waiting.
+        fn pass(&mut self) -> Result<(), TestCaseError> {
+            let p = self.q.pass(self.now);
+            for r in p.released {
+                let w = self.waiting.remove(&r.id).expect("released once");
+                prop_assert_eq!(r.payload, r.id);
+                // every bucket of its route, at once
+                prop_assert_eq!(&r.buckets, &w.buckets);
+                prop_assert!(r.taken_at <= self.now && r.taken_at >= r.arrived);
+                for b in &r.buckets {
+                    self.grants.entry(b.clone()).or_default().push(r.taken_at);
+                }
+                // never past its own deadline
+                if let Some(t) = w.not_after {
+                    prop_assert!(r.taken_at < t, "released at {} past {}", r.taken_at, t);
+                }
+                // nobody with the same buckets and an earlier place still waits: FIFO within
+                // a priority, and aging bounds how far a higher priority may pass
+                for (id, other) in &self.waiting {
+                    if other.buckets == w.buckets && self.q.waiters.contains_key(id) {
+                        prop_assert!(
+                            other.order > w.order,
+                            "{:?} passed {:?}",
+                            w.order,
+                            other.order
+                        );
+                    }
+                }
+            }
+            // retries past their deadline are gone
+            self.waiting.retain(|id, _| self.q.waiters.contains_key(id));
+            for w in self.q.waiters.values() {
+                prop_assert!(w.not_after.is_none_or(|t| t > self.now));
+            }
+            self.wake = p.wake;
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn the_queue_keeps_rates_order_and_deadlines(ops in proptest::collection::vec(op(), 1..300)) {
+            let specs = [
+                spec("fast", 200.0, 3, Per::Global),
+                spec("slow", 20.0, 1, Per::Global),
+                spec("tok", 10.0, 2, Per::Token),
+            ];
+            let mut run = Run {
+                q: Queue::new(&specs, 10_000, Duration::from_nanos(AGING)),
+                now: 0,
+                waiting: HashMap::new(),
+                grants: HashMap::new(),
+                wake: None,
+            };
+            for op in ops {
+                match op {
+                    Op::Arrive { mask, token, level, retry } => {
+                        let names = ["fast", "slow", "tok"];
+                        let buckets: Vec<BucketKey> = (0..3)
+                            .filter(|i| mask & (1 << i) != 0)
+                            .map(|i| run.q.bucket_key(names[i], (i == 2).then_some([token; 16])))
+                            .collect();
+                        let priority = [Priority::High, Priority::Normal, Priority::Low][level as usize];
+                        let not_after = retry.map(|ms| run.now + u64::from(ms) * MS);
+                        let demand = Demand {
+                            buckets,
+                            priority,
+                            max_wait: Duration::from_secs(3600),
+                            retry: retry.is_some(),
+                            not_after: None,
+                        };
+                        let id = run.q.next_id;
+                        match run.q.admit(run.now, demand, not_after, id) {
+                            Ok(Admitted::Queued { id: got, .. }) => {
+                                prop_assert_eq!(got, id);
+                                let w = &run.q.waiters[&id];
+                                run.waiting.insert(id, Waiting {
+                                    order: w.order,
+                                    buckets: w.buckets.clone(),
+                                    not_after,
+                                });
+                            }
+                            other => prop_assert!(false, "not queued: {:?}", other),
+                        }
+                    }
+                    Op::Leave(n) => {
+                        let mut ids: Vec<u64> = run.waiting.keys().copied().collect();
+                        ids.sort();
+                        if let Some(&id) = ids.get(n % ids.len().max(1)) {
+                            prop_assert!(run.q.cancel(id));
+                            run.waiting.remove(&id);
+                        }
+                    }
+                    Op::Step(us) => {
+                        let target = run.now + u64::from(us) * 1000;
+                        // the scheduler wakes when asked to, until the step is over
+                        for _ in 0..10_000 {
+                            match run.wake {
+                                Some(w) if w > run.now && w <= target => {
+                                    run.now = w;
+                                    run.pass()?;
+                                }
+                                _ => break,
+                            }
+                        }
+                        run.now = target;
+                    }
+                }
+                run.pass()?;
+            }
+            // No bucket ever granted more than burst + rate·t in any window of length t.
+            for (key, mut times) in run.grants {
+                let s = specs.iter().find(|s| *s.name == *key.budget).unwrap();
+                times.sort();
+                for i in 0..times.len() {
+                    for j in i..times.len() {
+                        let t = (times[j] - times[i]) as f64 / 1e9;
+                        let allowed = f64::from(s.burst) + s.rate.per_second * t;
+                        prop_assert!(((j - i + 1) as f64) <= allowed + 1e-6 * (j - i + 1) as f64,
+                            "{}: {} grants in {} s", key.budget, j - i + 1, t);
+                    }
+                }
+            }
+        }
+
+        /// On one budget, requests of one priority start no later than predicted on arrival,
+        /// which admission held to `max_wait`: nobody waits past the deadline it was admitted
+        /// with, however the others come and go.
+        #[test]
+        fn nobody_waits_past_its_admitted_deadline(
+            rate in 1.0f64..500.0,
+            burst in 1u32..5,
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            let mut q: Queue<u64> = Queue::new(&[spec("g", rate, burst, Per::Global)], 10_000, Duration::from_nanos(AGING));
+            let mut now: Nanos = 0;
+            let mut deadline: HashMap<u64, Nanos> = HashMap::new();
+            let mut wake = None;
+            fn check(
+                q: &mut Queue<u64>,
+                now: Nanos,
+                deadline: &mut HashMap<u64, Nanos>,
+            ) -> Result<Option<Nanos>, TestCaseError> {
+                let p = q.pass(now);
+                for r in p.released {
+                    let d = deadline.remove(&r.id).expect("admitted");
+                    prop_assert!(r.taken_at <= d, "started at {} after its deadline {}", r.taken_at, d);
+                }
+                Ok(p.wake)
+            }
+            for op in ops {
+                match op {
+                    Op::Arrive { .. } => {
+                        let demand = Demand {
+                            buckets: vec![q.bucket_key("g", None)],
+                            priority: Priority::Normal,
+                            max_wait: Duration::from_secs(5),
+                            retry: false,
+                            not_after: None,
+                        };
+                        let id = q.next_id;
+                        match q.admit(now, demand, None, id) {
+                            Ok(Admitted::Queued { predicted, .. }) => {
+                                prop_assert!(predicted <= Duration::from_secs(5));
+                                deadline.insert(id, now + predicted.as_nanos() as Nanos);
+                            }
+                            Err(Rejection::TooLong { wait }) => prop_assert!(wait > Duration::from_secs(5)),
+                            other => prop_assert!(false, "{:?}", other),
+                        }
+                    }
+                    Op::Leave(n) => {
+                        let mut ids: Vec<u64> = q.waiters.keys().copied().collect();
+                        ids.sort();
+                        if let Some(&id) = ids.get(n % ids.len().max(1)) {
+                            q.cancel(id);
+                        }
+                    }
+                    Op::Step(us) => {
+                        let target = now + u64::from(us) * 1000;
+                        while let Some(w) = wake.filter(|&w| w > now && w <= target) {
+                            now = w;
+                            wake = check(&mut q, now, &mut deadline)?;
+                        }
+                        now = target;
+                    }
+                }
+                wake = check(&mut q, now, &mut deadline)?;
+            }
+        }
+    }
+}
