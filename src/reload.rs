@@ -44,11 +44,7 @@ pub fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<Reloaded, ConfigErr
             let old = shared.config.load_full();
             let restart_needed = old.restart_needed(&new);
             // Keys that cannot change live keep their running values; the rest applies.
-            new.listen = old.listen;
-            new.admin_listen = old.admin_listen;
-            new.workers = old.workers;
-            new.cluster = old.cluster.clone();
-            new.log = old.log.clone();
+            new.keep_restart_only(&old);
             let changed = *old != new;
             if changed {
                 shared
