@@ -20,13 +20,7 @@ use shiftgate::route::Priority;
 const KEYS: [usize; 2] = [100, 10_000];
 
 fn budget(name: &str, per_second: f64, per: Per) -> BudgetSpec {
-    BudgetSpec {
-        name: name.to_string(),
-        rate: Rate::per_second(per_second),
-        burst: 1,
-        per,
-        min_rate: Rate::per_second(per_second * 0.1),
-    }
+    BudgetSpec::new(name, Rate::per_second(per_second), 1, per)
 }
 
 /// Polls a future once: a ticket whose slot was free on admission is already granted.

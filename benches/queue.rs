@@ -15,13 +15,7 @@ use shiftgate::route::Priority;
 const RATE: f64 = 1000.0;
 
 fn budget(name: &str, per_second: f64, per: Per) -> BudgetSpec {
-    BudgetSpec {
-        name: name.to_string(),
-        rate: Rate::per_second(per_second),
-        burst: 1,
-        per,
-        min_rate: Rate::per_second(per_second * 0.1),
-    }
+    BudgetSpec::new(name, Rate::per_second(per_second), 1, per)
 }
 
 fn demand(buckets: Vec<BucketKey>) -> Demand {

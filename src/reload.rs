@@ -43,11 +43,7 @@ pub fn reload(state: &State, trigger: &str) -> Result<Reloaded, ConfigErrors> {
             let old = state.config();
             let restart_needed = old.restart_needed(&new);
             // Keys that cannot change live keep their running values; the rest applies.
-            new.listen = old.listen;
-            new.admin_listen = old.admin_listen;
-            new.workers = old.workers;
-            new.cluster = old.cluster.clone();
-            new.log = old.log.clone();
+            new.keep_restart_only(&old);
             let changed = *old != new;
             if changed {
                 state.install_config(new);

@@ -13,12 +13,9 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{background_service, BackgroundService};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Config;
+use crate::config::{Config, MAX_ATTEMPTS_CAP};
 use crate::proxy::Proxy;
 use crate::state::State;
-
-/// Upper bound of `retry.max_attempts`: Pingora's retry loop is sized once at start.
-pub const MAX_ATTEMPTS_CAP: usize = 50;
 
 /// How `shiftgate run` was asked to start.
 #[derive(Debug, Clone)]

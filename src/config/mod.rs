@@ -1,0 +1,467 @@
+//! config.yaml, validated into [`Config`]: the request path only ever sees validated config.
+//!
+//! Three steps, one file each: `raw` deserializes the text strictly into the as-written shape,
+//! `lines` maps every YAML path to its line, `validate` turns the raw shape into [`Config`] with
+//! every reference resolved. Every error is collected (not just the first) and names its
+//! YAML path and line; this file holds the validated types and the entry points.
+
+mod lines;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::route::{PathTemplate, Priority};
+use lines::LineIndex;
+use validate::Validator;
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// YAML path such as `routes[2].budgets`; empty for the document itself.
+    pub path: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(line) = self.line {
+            write!(f, " at line {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// All the problems of one config file; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated runtime type.
+
+/// A validated configuration. Built only by [`Config::parse`]; every reference is resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token_env: Option<String>,
+    pub upstreams: Vec<Upstream>,
+    pub budgets: Vec<BudgetSpec>,
+    pub routes: Vec<RouteSpec>,
+    pub queue: QueueSettings,
+    pub retry: RetrySettings,
+    pub limits: Limits,
+    pub workers: usize,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+    pub cluster: Option<ClusterSettings>,
+    /// Reload when the config file changes (SIGHUP and `POST /-/reload` always work).
+    pub watch_file: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    /// The URL as written, for people.
+    pub url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix of the base URL without a trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// The Host header value the upstream expects.
+    pub fn host_header(&self) -> String {
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A rate: `count` requests per `period`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+}
+
+impl Rate {
+    pub fn per_second(per_second: f64) -> Rate {
+        Rate { per_second }
+    }
+
+    /// Time between two slots at this rate.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.per_second)
+    }
+
+    /// Parses `<number>/s`, `<number>/min` or `<number>/h`, number > 0.
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let (num, unit) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("invalid rate \"{s}\": expected <number>/s, /min or /h"))?;
+        let n: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid rate \"{s}\": \"{}\" is not a number", num.trim()))?;
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("invalid rate \"{s}\": the number must be > 0"));
+        }
+        let seconds = match unit.trim() {
+            "s" => 1.0,
+            "min" => 60.0,
+            "h" => 3600.0,
+            other => {
+                return Err(format!(
+                    "invalid rate \"{s}\": unknown unit \"{other}\" (use s, min or h)"
+                ))
+            }
+        };
+        Ok(Rate {
+            per_second: n / seconds,
+        })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.per_second >= 1.0 {
+            write!(f, "{}/s", trim_float(self.per_second))
+        } else {
+            write!(f, "{}/min", trim_float(self.per_second * 60.0))
+        }
+    }
+}
+
+fn trim_float(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// What a budget keeps one bucket per.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Per {
+    Global,
+    Token,
+    ClientIp,
+    Header(String),
+}
+
+impl fmt::Display for Per {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Per::Global => f.write_str("global"),
+            Per::Token => f.write_str("token"),
+            Per::ClientIp => f.write_str("client_ip"),
+            Per::Header(h) => write!(f, "header:{h}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSpec {
+    pub name: String,
+    pub rate: Rate,
+    pub burst: u32,
+    pub per: Per,
+    /// The rate in force never goes below this after upstream 429s.
+    pub min_rate: Rate,
+}
+
+/// A budget's `min_rate` when its config names none, as a share of its `rate`.
+const DEFAULT_MIN_RATE_SHARE: f64 = 0.1;
+
+impl BudgetSpec {
+    /// A budget with the `min_rate` that validation gives one whose config names none: a tenth
+    /// of `rate`.
+    ///
+    /// ```
+    /// use shiftgate::config::{BudgetSpec, Per, Rate};
+    ///
+    /// let b = BudgetSpec::new("presence", Rate::per_second(100.0), 1, Per::Global);
+    /// assert_eq!(b.min_rate, Rate::per_second(10.0));
+    /// ```
+    pub fn new(name: impl Into<String>, rate: Rate, burst: u32, per: Per) -> BudgetSpec {
+        BudgetSpec {
+            name: name.into(),
+            rate,
+            burst,
+            per,
+            min_rate: Rate::per_second(rate.per_second * DEFAULT_MIN_RATE_SHARE),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    pub name: String,
+    pub method: Option<http::Method>,
+    pub path: PathTemplate,
+    pub strip_prefix: Option<String>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Indexes into [`Config::budgets`].
+    pub budgets: Vec<usize>,
+    pub max_wait: Duration,
+    pub priority: Priority,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    pub max_wait: Duration,
+    pub max_depth: usize,
+    /// Head start per priority level: a request of a lower priority that has waited this much
+    /// longer than a higher one goes first, so no priority starves.
+    pub aging: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum On5xx {
+    Idempotent,
+    Never,
+    Always,
+}
+
+/// Upper bound of `retry.max_attempts`: Pingora's retry loop is sized once at start (the server
+/// sets its `max_retries` to this), so no config, reloaded or not, may ask for more.
+pub const MAX_ATTEMPTS_CAP: usize = 50;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub max_elapsed: Duration,
+    pub on_5xx: On5xx,
+    /// Retry-After above this is never waited out (Genesys's daily-limit case).
+    pub max_retry_after: Duration,
+    /// First backoff when the upstream gives no Retry-After.
+    pub backoff_base: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Upstream timeouts.
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShutdownSettings {
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub fallback_replicas: u32,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text, reporting every error found.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let lines = LineIndex::build(text);
+        let (raw, errors) = raw::parse(text, &lines).map_err(finish)?;
+        Validator::new(&lines, errors).config(raw).map_err(finish)
+    }
+
+    /// The keys that a reload cannot change in a running process, among those that differ in
+    /// `new`.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        RESTART_ONLY
+            .iter()
+            .filter(|k| (k.differs)(self, new))
+            .map(|k| k.key)
+            .collect()
+    }
+
+    /// Sets every key a reload cannot change back to its value in `running`, so that the config
+    /// stored after a reload states what is in force.
+    pub fn keep_restart_only(&mut self, running: &Config) {
+        for k in &RESTART_ONLY {
+            (k.keep)(self, running);
+        }
+    }
+
+    /// A one-line summary for people (`check`, reload answers).
+    pub fn summary(&self) -> String {
+        format!(
+            "{} routes, {} budgets, {} upstreams; listening on {}, admin on {}",
+            self.routes.len(),
+            self.budgets.len(),
+            self.upstreams.len(),
+            self.listen,
+            self.admin_listen
+        )
+    }
+
+    pub fn budget_index(&self, name: &str) -> Option<usize> {
+        self.budgets.iter().position(|b| b.name == name)
+    }
+}
+
+/// A key whose new value a reload cannot apply: the listeners are bound, the worker threads
+/// started, the cluster store and the log writer set up once, at start.
+struct RestartOnly {
+    key: &'static str,
+    differs: fn(&Config, &Config) -> bool,
+    /// Sets the first config's value to the second's.
+    keep: fn(&mut Config, &Config),
+}
+
+/// The keys a reload cannot change, listed once: [`Config::restart_needed`] names those that
+/// changed, [`Config::keep_restart_only`] carries their running values over.
+const RESTART_ONLY: [RestartOnly; 5] = [
+    RestartOnly {
+        key: "listen",
+        differs: |a, b| a.listen != b.listen,
+        keep: |new, running| new.listen = running.listen,
+    },
+    RestartOnly {
+        key: "admin_listen",
+        differs: |a, b| a.admin_listen != b.admin_listen,
+        keep: |new, running| new.admin_listen = running.admin_listen,
+    },
+    RestartOnly {
+        key: "workers",
+        differs: |a, b| a.workers != b.workers,
+        keep: |new, running| new.workers = running.workers,
+    },
+    RestartOnly {
+        key: "cluster",
+        differs: |a, b| a.cluster != b.cluster,
+        keep: |new, running| new.cluster = running.cluster.clone(),
+    },
+    RestartOnly {
+        key: "log",
+        differs: |a, b| a.log != b.log,
+        keep: |new, running| new.log = running.log.clone(),
+    },
+];
+
+/// The errors in line order; those without a line last, equal lines in the order found.
+fn finish(mut errors: Vec<ConfigError>) -> ConfigErrors {
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    ConfigErrors(errors)
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h` (and combinations humantime accepts).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|_| format!("invalid duration \"{s}\": use e.g. 500ms, 30s, 2m or 1h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate::secs;
+    use super::*;
+
+    /// The smallest valid config; the line index tests read it too.
+    pub(super) const MINIMAL: &str = "listen: \"127.0.0.1:8080\"\nupstreams:\n  api: { url: \"http://127.0.0.1:9000\" }\nroutes:\n  - name: all\n    match: { path: \"/**\" }\n";
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.queue.max_wait, secs(30));
+        assert_eq!(c.queue.max_depth, 10_000);
+        assert_eq!(c.retry.max_attempts, 5);
+        assert_eq!(c.retry.max_elapsed, secs(60));
+        assert_eq!(c.retry.on_5xx, On5xx::Idempotent);
+        assert_eq!(c.limits.max_body_bytes, 512_000);
+        assert_eq!(c.shutdown.drain_timeout, secs(30));
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert!(c.cluster.is_none());
+        assert!(c.budgets.is_empty());
+        // A single upstream may be left out of a route.
+        assert_eq!(c.routes[0].upstream, 0);
+        assert!(c.routes[0].budgets.is_empty());
+        assert!(c.watch_file);
+        let off = Config::parse(&format!("{MINIMAL}reload:\n  watch_file: false\n")).unwrap();
+        assert!(!off.watch_file);
+    }
+
+    #[test]
+    fn a_reload_names_the_restart_only_keys_it_changed_and_keeps_their_running_values() {
+        let running = Config::parse(MINIMAL).unwrap();
+        let mut new = running.clone();
+        new.listen = "127.0.0.1:8081".parse().unwrap();
+        new.admin_listen = "127.0.0.1:9091".parse().unwrap();
+        new.workers = running.workers + 1;
+        new.cluster = Some(ClusterSettings {
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "shiftgate:".into(),
+            fallback_replicas: 3,
+        });
+        new.log.format = LogFormat::Json;
+        new.queue.max_depth = 3;
+        assert_eq!(
+            running.restart_needed(&new),
+            ["listen", "admin_listen", "workers", "cluster", "log"]
+        );
+        new.keep_restart_only(&running);
+        assert!(running.restart_needed(&new).is_empty());
+        // The rest applies.
+        assert_eq!(new.queue.max_depth, 3);
+    }
+
+    #[test]
+    fn rates_parse_in_each_unit() {
+        assert_eq!(Rate::parse("100/s").unwrap().per_second, 100.0);
+        assert_eq!(Rate::parse("300/min").unwrap().per_second, 5.0);
+        assert_eq!(Rate::parse("3600/h").unwrap().per_second, 1.0);
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("-1/s").is_err());
+        assert!(Rate::parse("10/day").is_err());
+        assert!(Rate::parse("ten/s").is_err());
+    }
+}
