@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// The message of `503 shiftgate.shutting.down`.
+pub const SHUTTING_DOWN: &str = "shiftgate is shutting down; try again";
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -49,6 +52,16 @@ impl Reason {
             Reason::ShuttingDown => "shiftgate.shutting.down",
             Reason::UpstreamUnreachable => "shiftgate.upstream.unreachable",
             Reason::UpstreamTimeout => "shiftgate.upstream.timeout",
+        }
+    }
+
+    /// The message for a person, where it does not depend on the case.
+    pub fn message(self) -> Option<&'static str> {
+        match self {
+            Reason::UpstreamTimeout => Some("the upstream did not answer in time"),
+            Reason::ShuttingDown => Some(SHUTTING_DOWN),
+            Reason::BodyTooLarge => Some("the request body is too large"),
+            _ => None,
         }
     }
 

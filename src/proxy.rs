@@ -24,11 +24,11 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Config, Per, RouteSpec};
 use crate::digest::key_hash;
-use crate::local_response::{LocalResponse, Reason};
+use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Demand, Rejection, Ticket};
 use crate::retry::{self, Attempt, Outcome, Verdict};
-use crate::route::{find_route, upstream_path};
+use crate::route::{find_route, hop_by_hop_headers, upstream_path};
 use crate::state::{ActiveRequest, State};
 use crate::throttle::{self, RetryWait};
 
@@ -245,7 +245,7 @@ impl Proxy {
                 outcome,
                 made: ctx.attempts,
                 elapsed: ctx.arrived.elapsed(),
-                idempotent: is_idempotent(method),
+                idempotent: retry::is_idempotent(method),
                 replayable: !session.as_downstream().retry_buffer_truncated(),
                 jitter: rand::random::<f64>(),
             },
@@ -270,32 +270,10 @@ impl Proxy {
     }
 }
 
-fn is_idempotent(m: &http::Method) -> bool {
-    matches!(
-        *m,
-        http::Method::GET
-            | http::Method::HEAD
-            | http::Method::PUT
-            | http::Method::DELETE
-            | http::Method::OPTIONS
-    )
-}
-
 fn add_shiftgate_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
     let _ = resp.insert_header("X-Shiftgate-Wait-Ms", ctx.waited.as_millis().to_string());
     let _ = resp.insert_header("X-Shiftgate-Attempts", ctx.attempts.to_string());
 }
-
-/// Request headers that belong to one connection, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
 
 /// Our own marker error for "retry this attempt".
 fn retry_error(status: u16) -> Box<Error> {
@@ -337,11 +315,8 @@ impl ProxyHttp for Proxy {
         let cfg = self.state.config();
         ctx.config = Some(cfg.clone());
         if self.state.is_draining() {
-            let a = LocalResponse::new(
-                Reason::ShuttingDown,
-                "shiftgate is shutting down; try again",
-            )
-            .retry_after(Duration::from_secs(1));
+            let a = LocalResponse::new(Reason::ShuttingDown, SHUTTING_DOWN)
+                .retry_after(Duration::from_secs(1));
             self.answer(session, ctx, a).await;
             return Ok(true);
         }
@@ -595,21 +570,15 @@ impl ProxyHttp for Proxy {
         // Origin-form only: whatever the client's target said, only the configured upstream is
         // ever reached.
         upstream_request.set_uri(uri);
-        // Headers named in Connection are hop-by-hop too.
-        let named: Vec<String> = upstream_request
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-            .filter(|s| !s.is_empty())
-            .collect();
-        for h in HOP_BY_HOP
-            .iter()
-            .copied()
-            .chain(named.iter().map(String::as_str))
-        {
-            upstream_request.remove_header(h);
+        let hop_by_hop = hop_by_hop_headers(
+            upstream_request
+                .headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        for h in &hop_by_hop {
+            upstream_request.remove_header(h.as_str());
         }
         upstream_request.insert_header("Host", upstream.host_header())?;
         Ok(())
@@ -749,13 +718,12 @@ impl ProxyHttp for Proxy {
         let code = match reason {
             Some(reason) if can_write => {
                 let msg = match reason {
-                    Reason::UpstreamTimeout => "the upstream did not answer in time".to_string(),
                     Reason::UpstreamUnreachable => {
                         format!("the upstream could not be reached: {}", e.etype().as_str())
                     }
-                    Reason::ShuttingDown => "shiftgate is shutting down; try again".to_string(),
-                    Reason::BodyTooLarge => "the request body is too large".to_string(),
-                    _ => e.to_string(),
+                    _ => reason
+                        .message()
+                        .map_or_else(|| e.to_string(), str::to_string),
                 };
                 let mut a = LocalResponse::new(reason, msg);
                 if reason == Reason::ShuttingDown {

@@ -104,6 +104,19 @@ pub fn decide(s: &RetrySettings, a: &Attempt) -> Verdict {
     Verdict::Retry { delay, reason }
 }
 
+/// Whether `retry.on_5xx: idempotent` may send a request of this method again: GET, HEAD, PUT,
+/// DELETE, OPTIONS.
+pub fn is_idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+    )
+}
+
 /// Exponential backoff with full jitter: uniform in `[0, base·2^(made−1)]`, capped.
 ///
 /// ```

@@ -167,6 +167,36 @@ pub fn find_route(
 
 /// The path and query sent upstream: `strip_prefix` removed from the path, the upstream's base
 /// path put in front. `path_and_query` is the client's origin-form target.
+/// Request headers that belong to one connection, never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The request headers not to forward: the hop-by-hop ones, and those named in `Connection`
+/// (its `values`), lower-case.
+///
+/// ```
+/// let h = shiftgate::route::hop_by_hop_headers(["close, X-Trace"]);
+/// assert!(h.contains(&"x-trace".to_string()) && h.contains(&"keep-alive".to_string()));
+/// ```
+pub fn hop_by_hop_headers<'a>(connection: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let named = connection
+        .into_iter()
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !s.is_empty());
+    HOP_BY_HOP
+        .iter()
+        .map(|h| h.to_string())
+        .chain(named)
+        .collect()
+}
+
 pub fn upstream_path(path_and_query: &str, strip_prefix: Option<&str>, base_path: &str) -> String {
     let (path, query) = match path_and_query.find('?') {
         Some(i) => path_and_query.split_at(i),
