@@ -154,19 +154,19 @@ impl fmt::Display for PathTemplate {
     }
 }
 
-/// Index of the first route (in config order) that matches.
-pub fn find_route(
-    routes: &[crate::config::RouteSpec],
-    method: &http::Method,
-    path: &str,
-) -> Option<usize> {
-    routes
-        .iter()
-        .position(|r| r.method.as_ref().is_none_or(|m| m == method) && r.path.matches(path))
+/// What a route matches on: a method (any, when `None`) and a path template.
+pub trait Matches {
+    fn method(&self) -> Option<&http::Method>;
+    fn path(&self) -> &PathTemplate;
 }
 
-/// The path and query sent upstream: `strip_prefix` removed from the path, the upstream's base
-/// path put in front. `path_and_query` is the client's origin-form target.
+/// Index of the first route (in config order) that matches.
+pub fn find_route<R: Matches>(routes: &[R], method: &http::Method, path: &str) -> Option<usize> {
+    routes
+        .iter()
+        .position(|r| r.method().is_none_or(|m| m == method) && r.path().matches(path))
+}
+
 /// Request headers that belong to one connection, never forwarded.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -197,6 +197,8 @@ pub fn hop_by_hop_headers<'a>(connection: impl IntoIterator<Item = &'a str>) -> 
         .collect()
 }
 
+/// The path and query sent upstream: `strip_prefix` removed from the path, the upstream's base
+/// path put in front. `path_and_query` is the client's origin-form target.
 pub fn upstream_path(path_and_query: &str, strip_prefix: Option<&str>, base_path: &str) -> String {
     let (path, query) = match path_and_query.find('?') {
         Some(i) => path_and_query.split_at(i),

@@ -232,6 +232,16 @@ pub struct RouteSpec {
     pub priority: Priority,
 }
 
+impl crate::route::Matches for RouteSpec {
+    fn method(&self) -> Option<&http::Method> {
+        self.method.as_ref()
+    }
+
+    fn path(&self) -> &PathTemplate {
+        &self.path
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
     pub max_wait: Duration,
