@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -76,17 +74,6 @@ pub struct Answer {
     pub correlation_id: String,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Body<'a> {
-    message: &'a str,
-    code: &'a str,
-    status: u16,
-    context_id: &'a str,
-    details: [(); 0],
-    errors: [(); 0],
-}
-
 impl Answer {
     pub fn new(reason: Reason, message: impl Into<String>) -> Answer {
         Answer {
@@ -98,7 +85,7 @@ impl Answer {
     }
 
     pub fn retry_after(mut self, wait: Duration) -> Answer {
-        self.retry_after = Some(retry_after_secs(wait));
+        self.retry_after = Some(crate::genesys::retry_after_secs(wait));
         self
     }
 
@@ -114,7 +101,7 @@ impl Answer {
     /// assert_eq!(v["details"], serde_json::json!([]));
     /// ```
     pub fn body(&self) -> String {
-        genesys_error_body(
+        crate::genesys::genesys_error_body(
             self.reason.status(),
             self.reason.code(),
             &self.message,
@@ -130,32 +117,4 @@ impl Answer {
         }
         h
     }
-}
-
-/// The error body every Genesys API answers with (field order as Genesys's, so the bytes match
-/// a real answer); `contextId` equals the `ININ-Correlation-Id` header.
-pub fn genesys_error_body(status: u16, code: &str, message: &str, context_id: &str) -> String {
-    serde_json::to_string(&Body {
-        message,
-        code,
-        status,
-        context_id,
-        details: [],
-        errors: [],
-    })
-    .expect("plain struct serializes")
-}
-
-/// A wait as a `Retry-After` value: whole seconds, rounded up, at least 1.
-///
-/// ```
-/// use std::time::Duration;
-/// use shiftgate::answers::retry_after_secs;
-/// assert_eq!(retry_after_secs(Duration::ZERO), 1);
-/// assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
-/// assert_eq!(retry_after_secs(Duration::from_secs(42)), 42);
-/// ```
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    s.max(1)
 }

@@ -16,8 +16,9 @@ use super::clock::Clock;
 use super::config::{EmulatorConfig, Fault, FaultKind};
 use super::faults::FaultSet;
 use super::genesys::{self, error_body};
-use super::limits::{retry_after_secs, Limiter};
+use super::limits::Limiter;
 use super::stats::{Outcome, RouteLabel, Stats, StatsSnapshot, STATUS_RESET};
+use crate::genesys::retry_after_secs;
 
 /// Genesys's `expires_in` for client-credentials tokens.
 pub(crate) const TOKEN_LIFETIME_SECS: u64 = 86_399;

@@ -7,7 +7,8 @@
 //! - `limits`: Genesys-like fixed windows (per token, per route) as pure state + `now`.
 //! - `faults`: which armed fault hits a request.
 //! - `stats`: [`StatsSnapshot`]: counts by route and status, a per-second timeline.
-//! - `genesys`: Genesys's error body and the fixed data served (presence definitions ...).
+//! - `genesys`: the Genesys data served (error codes, presence definitions ...); the error body
+//!   and `Retry-After` themselves are [`crate::genesys`]'s, shared with the proxy.
 //! - `auth`: Basic and Bearer headers, the token request's form body.
 //! - `api`: the endpoints and the order a request meets them in; no sockets.
 //! - `server`: hyper glue: connections, bodies, header spelling, `reset` faults, shutdown.
