@@ -24,6 +24,7 @@ pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod digest;
 pub mod emulator;
 pub mod genesys;
 pub mod loadtest;

@@ -60,23 +60,9 @@ impl ApiRequest {
             path: path.to_string(),
             headers,
             body: RequestBody::Complete(Bytes::copy_from_slice(body)),
-            body_sha256: Some(sha256_hex(body)),
+            body_sha256: Some(crate::digest::sha256_hex(body)),
         }
     }
-}
-
-#[cfg(test)]
-pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    use sha2::{Digest as _, Sha256};
-    hex(&Sha256::digest(data))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// The answer to one request, ready for the wire.
@@ -891,13 +877,5 @@ mod tests {
         );
         assert!(Endpoint::classify(&Method::GET, "/api/v2/nothing").is_api());
         assert!(!Endpoint::classify(&Method::GET, "/nothing").is_api());
-    }
-
-    #[test]
-    fn sha256_hex_is_lower_case_hex() {
-        assert_eq!(
-            sha256_hex(b""),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
     }
 }

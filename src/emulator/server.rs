@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Sleep;
 
-use super::api::{hex, ApiRequest, RequestBody, State};
+use super::api::{ApiRequest, RequestBody, State};
+use crate::digest::hex;
 
 /// How long open connections may finish their answers after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);

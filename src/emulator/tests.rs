@@ -9,9 +9,10 @@ use http::{HeaderMap, HeaderValue, Method};
 use serde_json::{json, Value};
 use std::time::Instant;
 
-use super::api::{sha256_hex, ApiRequest, State};
+use super::api::{ApiRequest, State};
 use super::clock::Clock;
 use super::*;
+use crate::digest::sha256_hex;
 
 const PATCH_PATH: &str = "/api/v2/users/u1/presences/purecloud";
 const AVAILABLE: &str = "6a3af858-942f-489d-9700-5f9bcdcdae9b";
