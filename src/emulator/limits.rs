@@ -182,7 +182,7 @@ impl LimiterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::path::PathTemplate;
+    use crate::route::PathTemplate;
 
     fn per_second(count: u32) -> WindowLimit {
         WindowLimit {

@@ -3,7 +3,6 @@
 //!
 //! # Layout
 //! - `config`: [`EmulatorConfig`] and [`Fault`], parsed strictly from YAML or JSON.
-//! - `path`: path templates (`/api/v2/users/{userId}/**`) for route limits and fault filters.
 //! - `limits`: Genesys-like fixed windows (per token, per route) as pure state + `now`.
 //! - `faults`: which armed fault hits a request.
 //! - `stats`: [`StatsSnapshot`]: counts by route and status, a per-second timeline.
@@ -25,7 +24,6 @@ mod config;
 mod faults;
 mod genesys;
 mod limits;
-mod path;
 mod server;
 mod stats;
 
@@ -41,12 +39,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// Route limits and fault filters use the proxy's path templates (`/api/v2/users/{userId}/**`).
+pub use crate::route::PathTemplate;
 pub use config::{
     AuthConfig, ClientCredentials, ConfigError, EmulatorConfig, Fault, FaultKind, FaultStatus,
     Latency, LimitScope, RouteLimit, WindowLimit, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_TOKEN_RATE_PER_MINUTE,
 };
-pub use path::PathTemplate;
 pub use stats::{RouteLabel, SecondStats, StatsSnapshot, STATUS_RESET};
 
 /// Where `shiftgate emulate` listens without `--listen`.
