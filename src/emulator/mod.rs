@@ -9,8 +9,10 @@
 //! - `genesys`: the Genesys data served (error codes, presence definitions ...); the error body
 //!   and `Retry-After` themselves are [`crate::genesys`]'s, shared with the proxy.
 //! - `auth`: Basic and Bearer headers, the token request's form body.
-//! - `api`: the endpoints and the order a request meets them in; no sockets.
+//! - `api`: the endpoints (one file each: oauth, presence, routing status, `/_emulator/`) and
+//!   the order a request meets them in; no sockets.
 //! - `server`: hyper glue: connections, bodies, header spelling, `reset` faults, shutdown.
+//! - `clock`: the system clock, or a hand-moved one for tests.
 //!
 //! Emulator-only endpoints live under `/_emulator/`: `GET /_emulator/stats`,
 //! `POST /_emulator/stats/reset`, `POST /_emulator/faults` (one [`Fault`] as JSON, its `start`
