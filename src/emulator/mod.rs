@@ -13,6 +13,7 @@
 //!   the order a request meets them in; no sockets.
 //! - `server`: hyper glue: connections, bodies, header spelling, `reset` faults, shutdown.
 //! - `clock`: the system clock, or a hand-moved one for tests.
+//! - `tests/`: behaviour tests, one file per concern (limits, auth, endpoints, faults, stats, e2e).
 //!
 //! Emulator-only endpoints live under `/_emulator/`: `GET /_emulator/stats`,
 //! `POST /_emulator/stats/reset`, `POST /_emulator/faults` (one [`Fault`] as JSON, its `start`
