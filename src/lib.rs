@@ -24,6 +24,7 @@ pub mod config;
 pub mod demo;
 pub mod digest;
 pub mod emulator;
+pub mod genesys;
 pub mod loadtest;
 pub mod local_response;
 pub mod metrics;

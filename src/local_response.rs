@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// The message of `503 shiftgate.shutting.down`.
 pub const SHUTTING_DOWN: &str = "shiftgate is shutting down; try again";
 
@@ -89,17 +87,6 @@ pub struct LocalResponse {
     pub correlation_id: String,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Body<'a> {
-    message: &'a str,
-    code: &'a str,
-    status: u16,
-    context_id: &'a str,
-    details: [(); 0],
-    errors: [(); 0],
-}
-
 impl LocalResponse {
     pub fn new(reason: Reason, message: impl Into<String>) -> LocalResponse {
         LocalResponse {
@@ -111,7 +98,7 @@ impl LocalResponse {
     }
 
     pub fn retry_after(mut self, wait: Duration) -> LocalResponse {
-        self.retry_after = Some(retry_after_secs(wait));
+        self.retry_after = Some(crate::genesys::retry_after_secs(wait));
         self
     }
 
@@ -127,7 +114,7 @@ impl LocalResponse {
     /// assert_eq!(v["details"], serde_json::json!([]));
     /// ```
     pub fn body(&self) -> String {
-        genesys_error_body(
+        crate::genesys::genesys_error_body(
             self.reason.status(),
             self.reason.code(),
             &self.message,
@@ -143,32 +130,4 @@ impl LocalResponse {
         }
         h
     }
-}
-
-/// The error body every Genesys API answers with (field order as Genesys's, so the bytes match
-/// a real answer); `contextId` equals the `ININ-Correlation-Id` header.
-pub fn genesys_error_body(status: u16, code: &str, message: &str, context_id: &str) -> String {
-    serde_json::to_string(&Body {
-        message,
-        code,
-        status,
-        context_id,
-        details: [],
-        errors: [],
-    })
-    .expect("plain struct serializes")
-}
-
-/// A wait as a `Retry-After` value: whole seconds, rounded up, at least 1.
-///
-/// ```
-/// use std::time::Duration;
-/// use shiftgate::local_response::retry_after_secs;
-/// assert_eq!(retry_after_secs(Duration::ZERO), 1);
-/// assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
-/// assert_eq!(retry_after_secs(Duration::from_secs(42)), 42);
-/// ```
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    let s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    s.max(1)
 }

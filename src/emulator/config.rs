@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::path::PathTemplate;
+use crate::route::PathTemplate;
 
 /// Genesys's `request.bytes.max`.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 512_000;

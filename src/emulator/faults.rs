@@ -78,7 +78,7 @@ fn roll(rate: f64) -> bool {
 mod tests {
     use super::*;
     use crate::emulator::config::FaultStatus;
-    use crate::emulator::path::PathTemplate;
+    use crate::route::PathTemplate;
 
     const S: Duration = Duration::from_secs(1);
 

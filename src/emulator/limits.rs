@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 use std::time::Instant;
 
 use super::config::{LimitScope, RouteLimit, WindowLimit};
+use crate::genesys::retry_after_secs;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -51,11 +52,6 @@ impl FixedWindow {
     fn expired(&self, now: Instant, window: Duration) -> bool {
         self.start.is_none_or(|s| now >= s + window)
     }
-}
-
-/// `Retry-After` for a wait: whole seconds, rounded up, at least 1.
-pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
-    wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64
 }
 
 /// Which limit refused a request and for how long.
@@ -186,21 +182,13 @@ impl LimiterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::path::PathTemplate;
+    use crate::route::PathTemplate;
 
     fn per_second(count: u32) -> WindowLimit {
         WindowLimit {
             count,
             window: Duration::from_secs(1),
         }
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_secs(42)), 42);
-        assert_eq!(retry_after_secs(Duration::from_millis(42_001)), 43);
     }
 
     #[test]

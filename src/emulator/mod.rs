@@ -3,14 +3,17 @@
 //!
 //! # Layout
 //! - `config`: [`EmulatorConfig`] and [`Fault`], parsed strictly from YAML or JSON.
-//! - `path`: path templates (`/api/v2/users/{userId}/**`) for route limits and fault filters.
 //! - `limits`: Genesys-like fixed windows (per token, per route) as pure state + `now`.
 //! - `faults`: which armed fault hits a request.
 //! - `stats`: [`StatsSnapshot`]: counts by route and status, a per-second timeline.
-//! - `genesys`: Genesys's error body and the fixed data served (presence definitions ...).
+//! - `genesys`: the Genesys data served (error codes, presence definitions ...); the error body
+//!   and `Retry-After` themselves are [`crate::genesys`]'s, shared with the proxy.
 //! - `auth`: Basic and Bearer headers, the token request's form body.
-//! - `api`: the endpoints and the order a request meets them in; no sockets.
+//! - `api`: the endpoints (one file each: oauth, presence, routing status, `/_emulator/`) and
+//!   the order a request meets them in; no sockets.
 //! - `server`: hyper glue: connections, bodies, header spelling, `reset` faults, shutdown.
+//! - `clock`: the system clock, or a hand-moved one for tests.
+//! - `tests/`: behaviour tests, one file per concern (limits, auth, endpoints, faults, stats, e2e).
 //!
 //! Emulator-only endpoints live under `/_emulator/`: `GET /_emulator/stats`,
 //! `POST /_emulator/stats/reset`, `POST /_emulator/faults` (one [`Fault`] as JSON, its `start`
@@ -19,12 +22,11 @@
 
 mod api;
 mod auth;
+mod catalog;
 mod clock;
 mod config;
 mod faults;
-mod genesys;
 mod limits;
-mod path;
 mod server;
 mod stats;
 
@@ -40,12 +42,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// Route limits and fault filters use the proxy's path templates (`/api/v2/users/{userId}/**`).
+pub use crate::route::PathTemplate;
 pub use config::{
     AuthConfig, ClientCredentials, ConfigError, EmulatorConfig, Fault, FaultKind, FaultStatus,
     Latency, LimitScope, RouteLimit, WindowLimit, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_TOKEN_RATE_PER_MINUTE,
 };
-pub use path::PathTemplate;
 pub use stats::{RouteLabel, SecondStats, StatsSnapshot, STATUS_RESET};
 
 /// Where `shiftgate emulate` listens without `--listen`.
@@ -55,7 +58,7 @@ pub const DEFAULT_LISTEN: SocketAddr =
 /// A running emulator. Dropping it stops accepting; [`Emulator::shutdown`] also waits.
 pub struct Emulator {
     addr: SocketAddr,
-    state: Arc<api::State>,
+    state: Arc<api::ApiState>,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -70,7 +73,7 @@ impl Emulator {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let header_case = server::header_case_template().await.map(Arc::new);
-        let state = Arc::new(api::State::new(config));
+        let state = Arc::new(api::ApiState::new(config));
         let (shutdown, watcher) = watch::channel(false);
         let task = tokio::spawn(server::serve(listener, state.clone(), watcher, header_case));
         tracing::info!(%addr, "emulator listening");

@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Sleep;
 
-use super::api::{hex, ApiRequest, RequestBody, State};
+use super::api::{ApiRequest, ApiState, RequestBody};
+use crate::digest::hex;
 
 /// How long open connections may finish their answers after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -77,7 +78,7 @@ pub(crate) async fn header_case_template() -> Option<Extensions> {
 /// Accepts until `shutdown` turns true, then lets open connections finish for a moment.
 pub(crate) async fn serve(
     listener: TcpListener,
-    state: Arc<State>,
+    state: Arc<ApiState>,
     mut shutdown: watch::Receiver<bool>,
     header_case: Option<Arc<Extensions>>,
 ) {
@@ -121,7 +122,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 async fn serve_connection(
     stream: TcpStream,
-    state: Arc<State>,
+    state: Arc<ApiState>,
     header_case: Option<Arc<Extensions>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -150,7 +151,7 @@ async fn serve_connection(
 }
 
 async fn respond(
-    state: &State,
+    state: &ApiState,
     req: Request<Incoming>,
     header_case: Option<&Extensions>,
 ) -> Response<EmuBody> {

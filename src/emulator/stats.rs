@@ -139,7 +139,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// Everything recorded about one answered request.
-pub(crate) struct Outcome {
+pub(crate) struct Served {
     pub arrival: Instant,
     pub route: RouteLabel,
     pub status: u16,
@@ -164,7 +164,7 @@ impl Stats {
         InFlight(self)
     }
 
-    pub(crate) fn record(&self, outcome: &Outcome) {
+    pub(crate) fn record(&self, outcome: &Served) {
         let mut inner = self.inner.lock();
         // A request that arrived before a reset belongs to the period that was wiped.
         let Some(since) = outcome.arrival.checked_duration_since(inner.epoch) else {
@@ -240,8 +240,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn outcome(arrival: Instant, status: u16) -> Outcome {
-        Outcome {
+    fn outcome(arrival: Instant, status: u16) -> Served {
+        Served {
             arrival,
             route: RouteLabel::PresencePatch,
             status,
@@ -274,7 +274,7 @@ mod tests {
         let t0 = Instant::now();
         let stats = Stats::new(t0);
         let guard = stats.enter();
-        stats.record(&Outcome {
+        stats.record(&Served {
             slow_hits: 1,
             ..outcome(t0, 200)
         });
@@ -295,7 +295,7 @@ mod tests {
     fn a_snapshot_survives_a_json_round_trip() {
         let t0 = Instant::now();
         let stats = Stats::new(t0);
-        stats.record(&Outcome {
+        stats.record(&Served {
             fault: Some("reset"),
             ..outcome(t0, 200)
         });

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{HeaderName, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method};
-use sha2::{Digest, Sha256};
+
+use crate::digest::sha256_hex;
 
 use super::client::{OutgoingRequest, Target, TargetError};
 
@@ -265,7 +266,7 @@ impl Plan {
             }
         }
 
-        let body_sha256 = body.as_ref().map(|b| hex_sha256(b.as_bytes()));
+        let body_sha256 = body.as_ref().map(|b| sha256_hex(b.as_bytes()));
         Prepared {
             request: OutgoingRequest {
                 method,
@@ -276,17 +277,6 @@ impl Plan {
             body_sha256,
         }
     }
-}
-
-/// Lower-case hex SHA-256, the form the emulator echoes in `X-Emulator-Body-Sha256`.
-pub fn hex_sha256(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    Sha256::digest(bytes)
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
 }
 
 #[cfg(test)]
@@ -354,7 +344,7 @@ mod tests {
             PRESENCE_DEFINITION_IDS.contains(&definition),
             "{definition}"
         );
-        assert_eq!(prepared.body_sha256, Some(hex_sha256(&request.body)));
+        assert_eq!(prepared.body_sha256, Some(sha256_hex(&request.body)));
     }
 
     #[test]
@@ -501,13 +491,5 @@ mod tests {
             }
             other => panic!("expected a path error, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn the_body_digest_is_lower_case_hex_sha256() {
-        assert_eq!(
-            hex_sha256(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::spec::hex_sha256;
+use crate::digest::sha256_hex;
 
 /// A request as the server saw it.
 #[derive(Debug, Clone)]
@@ -156,7 +156,7 @@ async fn answer(
         body,
     };
     let reply = behavior(&request);
-    let digest = hex_sha256(&request.body);
+    let digest = sha256_hex(&request.body);
     seen.lock().push(request);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;

@@ -1,11 +1,12 @@
-//! Genesys's answer formats: the JSON error body and the fixed data the emulator serves.
+//! The Genesys data the emulator serves: error codes and messages, presence definitions, the
+//! limits listing, routing statuses. The error body's shape is [`crate::genesys`]'s.
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-/// The Genesys error body (shared with the proxy's own answers).
+/// The Genesys error body (shared with the proxy's own answers), as bytes for a response.
 pub(crate) fn error_body(status: u16, code: &str, message: &str, context_id: &str) -> Bytes {
-    Bytes::from(crate::local_response::genesys_error_body(
+    Bytes::from(crate::genesys::genesys_error_body(
         status, code, message, context_id,
     ))
 }
