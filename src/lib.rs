@@ -1,22 +1,38 @@
 //! shiftgate: a rate-shaping reverse proxy for the Genesys Cloud Platform API.
 //!
 //! # Layout
+//! From the edge inwards; each module imports only those below it (no import circle).
+//!
+//! **Running it**
+//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit.
+//! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
+//!   [`status_page`]: the page and JSON it shows; [`reload`]: all-or-nothing config reload.
+//! - [`proxy`]: the Pingora `ProxyHttp` implementation, the only module that knows `Session`:
+//!   each hook translates between the session and the plain types below.
+//! - [`state`]: the running proxy's state (config in force, pacer, metrics, lifecycle), fields
+//!   private behind one method per change; [`resolve`]: upstream names resolved off the request
+//!   path.
+//!
+//! **Deciding** (pure: no Pingora, no sockets; tested on paused time)
+//! - [`pacer`]: the queue; a request waits until every bucket of its route grants a slot.
+//!   [`pacer::queue`] decides from (state, now) whom to admit and release; the handle reads the
+//!   clock, delivers grants and, in cluster mode, leases slots.
+//! - [`throttle`]: what an upstream 429 means: pause, probe, learn the limit, retry delay.
+//! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures.
+//! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
+//! - [`shared_budget`]: the seam to the budget state replicas share (Redis, or in memory).
+//! - [`route`]: path templates, first-match routing, the upstream path and header rewrite.
 //! - [`config`]: config.yaml, parsed strictly and validated into [`config::Config`].
-//! - [`route`]: path templates, first-match routing, the upstream path rewrite.
-//! - [`budget`]: the pacing algorithm of one bucket (GCRA, pause, adaptive rate): pure.
-//! - [`pacer`]: the queue; requests wait until every bucket of their route grants a slot.
-//! - [`store`]: the seam to the budget state shared by replicas; [`cluster`]: its Redis side.
-//! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures: pure.
-//! - [`proxy`]: the Pingora `ProxyHttp` implementation; the only module that knows `Session`.
-//! - [`answers`]: the JSON answers the proxy makes itself.
-//! - [`shared`]: the state a running proxy shares (config in force, pacer, metrics, resolver).
-//! - [`metrics`], [`status_page`], [`admin`]: what ops see.
-//! - [`reload`]: all-or-nothing config reload.
-//! - [`server`]: wiring: Pingora services, signals, drain.
-//! - [`emulator`]: a stand-in for the Genesys API, for tests and load tests.
+//!
+//! **Speaking Genesys**
+//! - [`local_response`]: the answers the proxy makes itself (`shiftgate.*` codes).
+//! - [`genesys`]: the Genesys error body and `Retry-After` as the proxy and the emulator write
+//!   them; [`digest`]: SHA-256 as hex and as bucket keys; [`metrics`]: every metric, in one place.
+//!
+//! **Around it**
+//! - [`emulator`]: a stand-in for the Genesys API, for tests, load tests and the demo.
 //! - [`loadtest`]: the shift-change load generator and the HTTP client of the tests.
-//! - [`demo`]: the emulator in-process and the proxy as a child process: one shift change
-//!   straight at the API and through the proxy, side by side.
+//! - [`demo`]: one shift change straight at the emulator and through the proxy, side by side.
 
 pub mod admin;
 pub mod budget;

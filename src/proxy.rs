@@ -39,7 +39,7 @@ pub struct Proxy {
     pub state: Arc<State>,
 }
 
-/// Per-request state. What belongs to one upstream attempt is in [`AttemptState`]; the gauges
+/// Per-request state. What belongs to one upstream attempt is in `AttemptState`; the gauges
 /// a request holds up are guards, given back however the request ends.
 pub struct Ctx {
     arrived: Instant,

@@ -4,8 +4,8 @@
 //! leases from the shared store.
 //!
 //! - [`queue`]: who is admitted and who is released, a pure function of (state, now).
-//! - [`bucket`]: one bucket's pacing state (GCRA, pause, the window a 429 is measured against).
-//! - [`lease`]: cluster mode's leased slots and when to ask for more.
+//! - `bucket`: one bucket's pacing state (GCRA, pause, the window a 429 is measured against).
+//! - `lease`: cluster mode's leased slots and when to ask for more.
 //!
 //! # Time
 //! All decisions are functions of `now` (tokio's clock: tests run with paused time). A
