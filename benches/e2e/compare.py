@@ -6,6 +6,12 @@ request. Loopback only. Prints Markdown tables and writes target/bench/e2e.json.
 
 Usage: cargo build --release --bin shiftgate --example pingora_baseline &&
        python3 benches/e2e/compare.py [--quick] [--only=shift-change,pass-through,memory]
+                                      [--before=PATH] [--after=PATH]
+--after: the shiftgate binary to measure (default target/release/shiftgate); it also runs the
+emulator and the load generator, and examples/pingora_baseline is looked for next to it.
+--before: a second shiftgate binary (e.g. a build of the code before a change); the shift-change
+and pass-through shiftgate rows are then measured for both in the same run, one after the other,
+labelled "shiftgate (before)" and "shiftgate (after)".
 Needs: nginx and wrk (Debian packages), the release binary.
 """
 import json
@@ -20,9 +26,24 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(ROOT, "target", "release", "shiftgate")
+
+
+def option(name):
+    """The value of `--name=VALUE` on the command line, or None."""
+    return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), None)
+
+
+# A misspelt or space-separated option would otherwise be ignored silently, and a run is long.
+for arg in sys.argv[1:]:
+    if arg != "--quick" and not arg.startswith(("--only=", "--before=", "--after=")):
+        sys.exit(f"unknown argument {arg!r}\n{__doc__}")
+BIN = os.path.abspath(option("after") or os.path.join(ROOT, "target", "release", "shiftgate"))
+BEFORE = os.path.abspath(option("before")) if option("before") is not None else None
+# The shiftgate binaries whose rows are measured, as (label, path): one, or "before" and "after".
+SHIFTGATES = ([("shiftgate (before)", BEFORE), ("shiftgate (after)", BIN)] if BEFORE
+              else [("shiftgate", BIN)])
 QUICK = "--quick" in sys.argv
-ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
+ONLY = option("only").split(",") if option("only") is not None else None
 
 
 def wanted(part):
@@ -94,7 +115,7 @@ class Emulator:
         return http("GET", f"http://127.0.0.1:{self.port}/_emulator/stats")
 
 
-def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m", log="info"):
+def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m", log="info", binary=BIN):
     port, admin = free_port(), free_port()
     budgets = f'budgets:\n  presence: {{ rate: "{budget}" }}\n' if budget else ""
     route_budgets = f"    budgets: [presence]\n    max_wait: \"{max_wait}\"\n" if budget else ""
@@ -115,7 +136,7 @@ workers: {workers}
 {extra}""",
     )
     p = start(
-        [BIN, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
+        [binary, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
          "--pid-file", os.path.join(TMP, f"pid-{port}")],
         f"shiftgate-{port}",
         env={"RUST_LOG": log},
@@ -198,7 +219,10 @@ route_limits:
         ("direct", lambda: (None, emu.port), 0),
         ("direct, SDK-style retry (Retry-After, 5 times)", lambda: (None, emu.port), 5),
         (f"nginx limit_req {budget_rate} r/s", lambda: nginx(emu.port, budget_rate), 0),
-        (f"shiftgate {budget_rate}/s", lambda: shiftgate(emu.port, f"{budget_rate}/s")[:2], 0),
+    ] + [
+        (f"{label} {budget_rate}/s",
+         lambda b=binary: shiftgate(emu.port, f"{budget_rate}/s", binary=b)[:2], 0)
+        for label, binary in SHIFTGATES
     ]
     for name, make, retry in ways:
         proc, port = make()
@@ -248,14 +272,16 @@ def pass_through(seconds):
     p, port = nginx(emu.port, None, workers=1)
     rows.append({"way": "nginx proxy_pass, 1 worker", **wrk(port, seconds)})
     stop(p)
-    p, port, _ = shiftgate(emu.port, None, workers=1)
-    rows.append({"way": "shiftgate, 1 worker (access log on, the default)", **wrk(port, seconds)})
-    stop(p)
-    p, port, _ = shiftgate(emu.port, None, workers=1, log="warn")
-    rows.append({"way": "shiftgate, 1 worker, access log off (RUST_LOG=warn)", **wrk(port, seconds)})
-    stop(p)
-    baseline = os.path.join(ROOT, "target", "release", "examples", "pingora_baseline")
-    if os.path.exists(baseline):
+    for log, variant in [("info", "1 worker (access log on, the default)"),
+                         ("warn", "1 worker, access log off (RUST_LOG=warn)")]:
+        for label, binary in SHIFTGATES:
+            p, port, _ = shiftgate(emu.port, None, workers=1, log=log, binary=binary)
+            rows.append({"way": f"{label}, {variant}", **wrk(port, seconds)})
+            stop(p)
+    # Cargo puts examples in target/release/examples; a copied binary may sit beside shiftgate.
+    candidates = [os.path.join(os.path.dirname(BIN), d, "pingora_baseline") for d in ("examples", "")]
+    baseline = next((c for c in candidates if os.path.exists(c)), None)
+    if baseline:
         port = free_port()
         p = start([baseline, f"127.0.0.1:{port}", f"127.0.0.1:{emu.port}"], "pingora-baseline")
         wait_port(port)
@@ -301,10 +327,14 @@ def memory(waiting):
 
 
 def main():
-    if not os.path.exists(BIN):
-        sys.exit("build first: cargo build --release")
+    if not os.path.isfile(BIN):
+        sys.exit(f"build first: cargo build --release (no {BIN})")
+    if BEFORE and not os.path.isfile(BEFORE):
+        sys.exit(f"--before: no such file {BEFORE}")
     agents, loops = (100, 5) if QUICK else (500, 10)
     results = {"machine": {"cpus": os.cpu_count()}, "quick": QUICK}
+    if BEFORE:
+        results["binaries"] = {"before": BEFORE, "after": BIN}
     try:
         if wanted("shift-change"):
             print("shift change at the limit", file=sys.stderr)
