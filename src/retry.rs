@@ -162,10 +162,11 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn settings() -> RetrySettings {
+    /// The documented defaults.
+    pub(crate) fn settings() -> RetrySettings {
         RetrySettings {
             max_attempts: 5,
             max_elapsed: Duration::from_secs(60),

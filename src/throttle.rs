@@ -368,7 +368,7 @@ impl Adaptive {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{On5xx, RetrySettings};
+    use crate::retry::tests::settings;
     use crate::retry::{decide, Attempt, GiveUp, Outcome};
 
     const MS: Nanos = 1_000_000;
@@ -442,16 +442,6 @@ mod tests {
         assert_eq!(retry_wait(429, d, false), RetryWait::Sleep(d));
         assert_eq!(retry_wait(502, d, true), RetryWait::Sleep(d));
         assert_eq!(retry_wait(504, d, false), RetryWait::Sleep(d));
-    }
-
-    fn settings() -> RetrySettings {
-        RetrySettings {
-            max_attempts: 5,
-            max_elapsed: Duration::from_secs(60),
-            on_5xx: On5xx::Idempotent,
-            max_retry_after: Duration::from_secs(180),
-            backoff_base: Duration::from_secs(1),
-        }
     }
 
     fn attempt_429(retry_after: Option<Duration>, made: u32) -> Attempt {
