@@ -602,6 +602,11 @@ impl ProxyHttp for Proxy {
             .upstream_responses_total
             .with_label_values(&[route.as_str(), status.to_string().as_str()])
             .inc();
+        if status != 429 && !ctx.buckets.is_empty() {
+            if let Some(granted_at) = granted_at {
+                self.state.pacer().answered(&ctx.buckets, granted_at);
+            }
+        }
         if !matches!(status, 429 | 502 | 503 | 504) {
             return Ok(());
         }

@@ -172,8 +172,8 @@ impl State {
     }
 
     /// An upstream 429 on a request of `route` charged to `buckets` and granted at
-    /// `granted_at`: the pacer pauses and learns, and the event is counted, logged and kept for
-    /// the status page (what each of these means: [`crate::throttle`]).
+    /// `granted_at`: the pacer pauses, holds and learns as [`throttle::plan`] says for the
+    /// config in force, and the event is counted, logged and kept for the status page.
     pub fn upstream_throttled(
         &self,
         route: &str,
@@ -181,12 +181,16 @@ impl State {
         retry_after: Option<Duration>,
         granted_at: tokio::time::Instant,
     ) {
-        let lowered = self.pacer.throttle(
-            buckets,
+        let keyed = buckets.iter().any(|b| b.key.is_some());
+        // A retried 429's body is never read (the retry is decided on its head), so whose
+        // limit it was is found out from whether other keys still succeed.
+        let plan = throttle::plan(
             retry_after,
-            throttle::pause(retry_after),
-            granted_at,
+            self.config.load().retry.max_retry_after,
+            throttle::Scope::Unknown,
+            keyed,
         );
+        let lowered = self.pacer.throttle(buckets, retry_after, plan, granted_at);
         let mut names: Vec<&str> = buckets.iter().map(|b| &*b.budget).collect();
         names.dedup();
         let unix_time = SystemTime::now()

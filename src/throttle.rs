@@ -5,13 +5,20 @@
 //! which counts and logs; the pacer applies the bucket rules and the proxy calls the rest.
 //!
 //! # The rules
-//! - **pause**: the budgets are paused for the 429's `Retry-After`, or [`DEFAULT_PAUSE`] when it
-//!   gave none ([`pause`]).
+//! - **whose limit**: a 429 charged to a keyed budget (`per: token | client_ip | header:`) is
+//!   taken as that key's unless known otherwise ([`Scope`]): the key is paused, and the shared
+//!   budgets the request was charged to only hold until one request of another key has come
+//!   back without a 429 (the probe), then go on. A probe that meets a 429 too shows the limit is
+//!   shared: then the shared budgets pause and learn. A route without keyed budgets has only
+//!   shared ones to pause ([`plan`]).
+//! - **pause**: for the 429's `Retry-After`, or [`DEFAULT_PAUSE`] when it gave none, never longer
+//!   than `retry.max_retry_after`; a `Retry-After` beyond it passes the 429 through to its client
+//!   at once and pauses nothing shared ([`plan`]).
 //! - **probe**: after a pause, one request goes first, then the rate in force: never a burst,
 //!   however large the bucket's burst ([`probe_after`]).
-//! - **learn**: the rate in force drops to the upstream's limit when the 429 reveals it (requests
-//!   since its window began and the `Retry-After` left of it), else by [`Adaptive::DECREASE`]
-//!   ([`Adaptive`], [`WindowLog`]).
+//! - **learn**: the rate in force of a paused bucket drops to the upstream's limit when the 429
+//!   reveals it (requests since its window began and the `Retry-After` left of it), else by
+//!   [`Adaptive::DECREASE`] ([`Adaptive`], [`WindowLog`]).
 //! - **retry delay**: a 429 on a paced route re-queues at the head of its queues: the budgets'
 //!   pause already holds it back, so it does not sleep on top; any other retry sleeps the policy's
 //!   delay ([`retry_wait`]).
@@ -29,16 +36,106 @@ use crate::status_page::ThrottleEvent;
 /// The pause after a 429 that gave no `Retry-After`.
 pub const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
 
-/// Rule "pause": how long the budgets a 429 was charged to are paused.
+/// Whose limit a 429 was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The key's own (the token's `token.rate.per.minute`, a user's): other keys go on.
+    Key,
+    /// Shared by every key (an org or route limit): the shared budgets pause.
+    Shared,
+    /// Not said: found out from whether other keys still succeed.
+    Unknown,
+}
+
+impl Scope {
+    /// From the `limit.key` a Genesys 429 body may carry (not guaranteed: see
+    /// `genesys-api-facts`): token and user limits are a key's, any other named limit is shared.
+    ///
+    /// ```
+    /// use shiftgate::throttle::Scope;
+    /// assert_eq!(Scope::from_limit_key(Some("token.rate.per.minute")), Scope::Key);
+    /// assert_eq!(Scope::from_limit_key(Some("org.app.user.rate.per.minute")), Scope::Key);
+    /// assert_eq!(Scope::from_limit_key(Some("presence.update.rate")), Scope::Shared);
+    /// assert_eq!(Scope::from_limit_key(None), Scope::Unknown);
+    /// ```
+    pub fn from_limit_key(key: Option<&str>) -> Scope {
+        match key {
+            None => Scope::Unknown,
+            Some(k) if k.contains("token.rate") || k.contains(".user.rate") => Scope::Key,
+            Some(_) => Scope::Shared,
+        }
+    }
+}
+
+/// What a 429 does to one class of buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing.
+    Go,
+    /// Pause for this long, then one probe; learn the upstream's limit.
+    Pause(Duration),
+    /// Let one request through (the probe) and hold the rest until it comes back without a 429,
+    /// for this long at most; a 429 on the probe turns this into [`Action::Pause`].
+    Hold(Duration),
+}
+
+/// What a 429 does to the buckets it was charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The keyed buckets (`per: token | client_ip | header:`).
+    pub keyed: Action,
+    /// The global buckets.
+    pub shared: Action,
+}
+
+/// Rules "whose limit" and "pause": what a 429 with `retry_after` does to the budgets of a
+/// request charged to keyed buckets or not (`keyed`), with `max_retry_after` the longest pause.
 ///
 /// ```
 /// use std::time::Duration;
-/// use shiftgate::throttle::pause;
-/// assert_eq!(pause(Some(Duration::from_secs(42))), Duration::from_secs(42));
-/// assert_eq!(pause(None), Duration::from_secs(1));
+/// use shiftgate::throttle::{plan, Action, Scope};
+/// let s = Duration::from_secs;
+/// // one token's 429: its key pauses, the shared budget waits for one probe of another key
+/// let p = plan(Some(s(20)), s(180), Scope::Unknown, true);
+/// assert_eq!((p.keyed, p.shared), (Action::Pause(s(20)), Action::Hold(s(20))));
+/// // a Retry-After past retry.max_retry_after pauses nothing shared, the key for 180 s at most
+/// let p = plan(Some(s(3600)), s(180), Scope::Unknown, true);
+/// assert_eq!((p.keyed, p.shared), (Action::Pause(s(180)), Action::Go));
 /// ```
-pub fn pause(retry_after: Option<Duration>) -> Duration {
-    retry_after.unwrap_or(DEFAULT_PAUSE)
+pub fn plan(
+    retry_after: Option<Duration>,
+    max_retry_after: Duration,
+    scope: Scope,
+    keyed: bool,
+) -> Plan {
+    let pause = retry_after.unwrap_or(DEFAULT_PAUSE).min(max_retry_after);
+    let passes_through = retry_after.is_some_and(|ra| ra > max_retry_after);
+    let shared = |action: Action| if passes_through { Action::Go } else { action };
+    if !keyed {
+        return Plan {
+            keyed: Action::Go,
+            shared: shared(Action::Pause(pause)),
+        };
+    }
+    match scope {
+        Scope::Key => Plan {
+            keyed: Action::Pause(pause),
+            shared: Action::Go,
+        },
+        Scope::Shared => Plan {
+            keyed: Action::Go,
+            shared: shared(Action::Pause(pause)),
+        },
+        Scope::Unknown => Plan {
+            keyed: Action::Pause(pause),
+            shared: shared(Action::Hold(pause)),
+        },
+    }
+}
+
+/// `now + d` in nanoseconds, saturating: no pause, however long, wraps around.
+pub fn after(now: Nanos, d: Duration) -> Nanos {
+    now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Rule "probe": a bucket paused until `until` grants its next slot at `until` and the one
@@ -375,13 +472,62 @@ mod tests {
     const S: Nanos = 1_000_000_000;
 
     #[test]
-    fn pause_is_the_retry_after_or_one_second() {
+    fn pause_is_the_retry_after_or_one_second_capped_by_max_retry_after() {
+        let s = Duration::from_secs;
+        let p = plan(Some(s(20)), s(180), Scope::Shared, false);
+        assert_eq!(p.shared, Action::Pause(s(20)));
+        let p = plan(None, s(180), Scope::Unknown, false);
+        assert_eq!(p.shared, Action::Pause(DEFAULT_PAUSE));
+        // exactly the cap is still waited out
+        let p = plan(Some(s(180)), s(180), Scope::Unknown, false);
+        assert_eq!(p.shared, Action::Pause(s(180)));
+    }
+
+    #[test]
+    fn a_retry_after_past_the_cap_pauses_nothing_shared() {
+        let s = Duration::from_secs;
+        for scope in [Scope::Key, Scope::Shared, Scope::Unknown] {
+            for keyed in [false, true] {
+                let p = plan(Some(s(3600)), s(180), scope, keyed);
+                assert_eq!(p.shared, Action::Go, "{scope:?} keyed={keyed}");
+                assert!(matches!(p.keyed, Action::Go | Action::Pause(_)));
+                if let Action::Pause(d) = p.keyed {
+                    assert_eq!(d, s(180), "never longer than the cap");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn whose_limit_decides_what_pauses() {
+        let s = Duration::from_secs;
+        let key = plan(Some(s(5)), s(180), Scope::Key, true);
+        assert_eq!((key.keyed, key.shared), (Action::Pause(s(5)), Action::Go));
+        let shared = plan(Some(s(5)), s(180), Scope::Shared, true);
         assert_eq!(
-            pause(Some(Duration::from_secs(20))),
-            Duration::from_secs(20)
+            (shared.keyed, shared.shared),
+            (Action::Go, Action::Pause(s(5)))
         );
-        assert_eq!(pause(Some(Duration::ZERO)), Duration::ZERO);
-        assert_eq!(pause(None), DEFAULT_PAUSE);
+        let unknown = plan(Some(s(5)), s(180), Scope::Unknown, true);
+        assert_eq!(
+            (unknown.keyed, unknown.shared),
+            (Action::Pause(s(5)), Action::Hold(s(5)))
+        );
+        assert_eq!(
+            Scope::from_limit_key(Some("client.credentials.token.rate.per.minute")),
+            Scope::Key
+        );
+        assert_eq!(
+            Scope::from_limit_key(Some("org.user.rate.per.minute")),
+            Scope::Key
+        );
+    }
+
+    #[test]
+    fn pause_arithmetic_saturates() {
+        assert_eq!(after(u64::MAX - 5, Duration::from_secs(1)), u64::MAX);
+        assert_eq!(after(10, Duration::MAX), u64::MAX);
+        assert_eq!(after(10, Duration::from_nanos(5)), 15);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::budget::{Gcra, Limit, Nanos};
 use crate::config::BudgetSpec;
 use crate::shared_budget::{Lease, LeaseRequest, ThrottleRequest};
-use crate::throttle::{self, Adaptive, WindowLog};
+use crate::throttle::{self, Action, Adaptive, WindowLog};
 
 use super::lease::{Leases, NEVER};
 
@@ -24,6 +24,18 @@ pub(super) struct Bucket {
     window: WindowLog,
     /// In cluster mode: slots leased from the shared store.
     pub shared: Option<Leases>,
+    /// After a 429 whose limit may be another key's: one probe, then wait for its answer.
+    hold: Option<Hold>,
+}
+
+/// A shared bucket waiting to learn whether a 429 was its own (see [`crate::throttle`]).
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    since: Nanos,
+    /// The hold ends by itself then, whatever the probe says.
+    until: Nanos,
+    /// The probe has been granted: the rest wait for its answer.
+    probe_out: bool,
 }
 
 impl Bucket {
@@ -38,6 +50,7 @@ impl Bucket {
             paused_until: 0,
             window: WindowLog::default(),
             shared,
+            hold: None,
         }
     }
 
@@ -47,6 +60,10 @@ impl Bucket {
 
     /// Gives back a slot taken at `now` and not used.
     pub fn give_back(&mut self, now: Nanos) {
+        // (It may have been the probe: let another go.)
+        if let Some(h) = self.hold.as_mut() {
+            h.probe_out = false;
+        }
         if let Some(l) = self.leasing() {
             l.slots.push_front(now);
             return;
@@ -57,6 +74,9 @@ impl Bucket {
 
     /// Takes one slot at `at`.
     pub fn take(&mut self, at: Nanos, now: Nanos) {
+        if let Some(h) = self.hold.as_mut().filter(|h| now < h.until) {
+            h.probe_out = true;
+        }
         let limit = self.limit(now);
         if let Some(l) = self.leasing() {
             l.used(at);
@@ -76,15 +96,15 @@ impl Bucket {
 
     /// Earliest time this bucket can grant one slot.
     pub fn ready_at(&self, now: Nanos) -> Nanos {
-        let local = self.gcra.earliest(&self.limit(now)).max(self.paused_until);
+        // While its probe is out, a hold is a pause until `until` (a floor, as a pause is).
+        let held = self
+            .hold
+            .filter(|h| h.probe_out)
+            .map_or(self.paused_until, |h| h.until.max(self.paused_until));
+        let local = self.gcra.earliest(&self.limit(now)).max(held);
         match self.shared.as_ref().filter(|l| l.leasing) {
             Some(l) => {
-                let slot = l
-                    .slots
-                    .front()
-                    .copied()
-                    .unwrap_or(NEVER)
-                    .max(self.paused_until);
+                let slot = l.slots.front().copied().unwrap_or(NEVER).max(held);
                 // In the grace period after an outage, also within our own share.
                 if l.divisor > 1.0 {
                     slot.max(local)
@@ -120,21 +140,55 @@ impl Bucket {
             .is_none_or(|l| !l.fetching && l.slots.back().is_none_or(|&t| t < now))
             && self.gcra.is_idle(now)
             && self.paused_until <= now
+            && self.hold.is_none_or(|h| h.until <= now)
             && self.adaptive.is_settled(now)
     }
 
-    /// An upstream 429 on a request granted at `sent`: learn from it (the rate in force), pause
-    /// until `until`, then one probe. Returns whether the rate was lowered and, in cluster mode,
-    /// what to tell the other replicas.
+    /// Whether a hold is in force (or its probe still out).
+    pub fn is_holding(&self, now: Nanos) -> bool {
+        self.hold.is_some_and(|h| now < h.until)
+    }
+
+    /// A request granted at `granted` came back without a 429: a hold that began before it
+    /// was granted ends (its limit was not this bucket's). Returns whether one ended.
+    pub fn answered(&mut self, granted: Nanos) -> bool {
+        let ends = self.hold.is_some_and(|h| granted >= h.since);
+        if ends {
+            self.hold = None;
+        }
+        ends
+    }
+
+    /// An upstream 429 on a request granted at `sent`, and what it does here (`action`, from
+    /// [`throttle::plan`]): a pause learns from it, pauses, then lets one probe go; a hold lets
+    /// one probe go and holds the rest for its answer. A 429 on the probe of a hold shows the
+    /// limit is this bucket's: the hold becomes a pause. Returns whether the rate was lowered
+    /// and, in cluster mode, what to tell the other replicas.
     pub fn throttle(
         &mut self,
         now: Nanos,
         sent: Nanos,
-        until: Nanos,
         retry_after: Option<Duration>,
-        pause: Duration,
+        action: Action,
         guard: f64,
     ) -> (bool, Option<ThrottleRequest>) {
+        let pause = match action {
+            Action::Go => return (false, None),
+            Action::Pause(pause) => pause,
+            Action::Hold(pause) => match self.hold {
+                Some(h) if h.probe_out && sent >= h.since => pause,
+                _ => {
+                    self.hold = Some(Hold {
+                        since: now,
+                        until: throttle::after(now, pause),
+                        probe_out: false,
+                    });
+                    return (false, None);
+                }
+            },
+        };
+        self.hold = None;
+        let until = throttle::after(now, pause);
         // A replica sees only its own share of what went through: nothing to learn from.
         let estimate = match self.shared {
             Some(_) => None,

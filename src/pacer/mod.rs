@@ -16,6 +16,7 @@ mod bucket;
 mod lease;
 pub mod queue;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::budget::Nanos;
 use crate::config::BudgetSpec;
 use crate::route::Priority;
 use crate::shared_budget::{LeaseRequest, SlotStore};
+use crate::throttle::Plan;
 
 use lease::STORE_PROBE;
 pub use lease::STORE_TIMEOUT;
@@ -189,6 +191,8 @@ impl Locked {
 pub struct Pacer {
     state: Arc<Mutex<Locked>>,
     notify: Arc<Notify>,
+    /// Some bucket holds for a probe's answer: only then does [`Pacer::answered`] lock.
+    holding: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -211,6 +215,7 @@ impl Pacer {
                 store: None,
             })),
             notify: Arc::new(Notify::new()),
+            holding: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -294,21 +299,23 @@ impl Pacer {
         Ok(ticket)
     }
 
-    /// Tells the budgets of a throttled request what the 429 means (see [`crate::throttle`]):
-    /// pause them for `pause`, then one probe, and lower their rate in force, learning the
-    /// upstream's limit when the 429 allows it. `granted_at` is that request's [`Grant::at`].
-    /// Returns the budget names whose rate was lowered.
+    /// Tells the budgets of a throttled request what the 429 means, as `plan` says (see
+    /// [`crate::throttle`]): pause them, then one probe, lowering their rate in force and
+    /// learning the upstream's limit when the 429 allows it; or hold them for one probe's
+    /// answer. `granted_at` is that request's [`Grant::at`]. Returns the budget names whose rate
+    /// was lowered.
     pub fn throttle(
         &self,
         buckets: &[BucketKey],
         retry_after: Option<Duration>,
-        pause: Duration,
+        plan: Plan,
         granted_at: Instant,
     ) -> Vec<String> {
         let mut st = self.lock();
         let now = st.now();
         let sent = st.nanos(granted_at);
-        let (lowered, tell) = st.queue.throttle(buckets, retry_after, pause, sent, now);
+        let (lowered, tell) = st.queue.throttle(buckets, retry_after, plan, sent, now);
+        self.holding.store(st.queue.is_holding(), Ordering::Relaxed);
         // The other replicas learn it from the store.
         let store = st
             .store
@@ -328,6 +335,21 @@ impl Pacer {
             });
         }
         lowered
+    }
+
+    /// A request granted at `granted_at` and charged to `buckets` came back without a 429:
+    /// budgets holding for a probe's answer go on. Costs nothing while none holds.
+    pub fn answered(&self, buckets: &[BucketKey], granted_at: Instant) {
+        if !self.holding.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut st = self.lock();
+        let (granted, now) = (st.nanos(granted_at), st.now());
+        let ended = st.queue.answered(buckets, granted, now);
+        self.holding.store(st.queue.is_holding(), Ordering::Relaxed);
+        if ended {
+            self.pass(st);
+        }
     }
 
     /// Reports when a granted request actually left (see [`Queue::sent`]).
@@ -476,6 +498,7 @@ impl Pacer {
     async fn probe(self, store: Arc<dyn SlotStore>) {
         let weak = Arc::downgrade(&self.state);
         let notify = self.notify.clone();
+        let holding = self.holding.clone();
         drop(self);
         loop {
             tokio::time::sleep(STORE_PROBE).await;
@@ -493,6 +516,7 @@ impl Pacer {
             let pacer = Pacer {
                 state,
                 notify: notify.clone(),
+                holding: holding.clone(),
             };
             let mut st = pacer.lock();
             let now = st.now();
@@ -508,12 +532,14 @@ impl Pacer {
     async fn run(self) {
         let weak = Arc::downgrade(&self.state);
         let notify = self.notify.clone();
+        let holding = self.holding.clone();
         drop(self);
         loop {
             let Some(state) = weak.upgrade() else { return };
             let pacer = Pacer {
                 state,
                 notify: notify.clone(),
+                holding: holding.clone(),
             };
             let (wake, epoch) = {
                 let mut st = pacer.lock();

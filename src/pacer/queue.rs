@@ -27,6 +27,7 @@ use std::time::Duration;
 use crate::budget::Nanos;
 use crate::config::BudgetSpec;
 use crate::shared_budget::{Lease, LeaseRequest, ThrottleRequest};
+use crate::throttle::Plan;
 
 use super::bucket::{Bucket, LATE_SLACK};
 use super::lease::{ClusterState, STORE_PROBE};
@@ -113,6 +114,8 @@ pub struct Queue<W> {
     prefetch: HashSet<BucketKey>,
     /// Retries with a deadline, by deadline.
     deadlines: BTreeSet<(Nanos, u64)>,
+    /// Buckets holding for a probe's answer.
+    holding: HashSet<BucketKey>,
     next_id: u64,
     max_depth: usize,
     aging: Nanos,
@@ -140,6 +143,7 @@ impl<W> Queue<W> {
             active: HashSet::new(),
             prefetch: HashSet::new(),
             deadlines: BTreeSet::new(),
+            holding: HashSet::new(),
             next_id: 0,
             max_depth,
             aging: aging.as_nanos() as Nanos,
@@ -278,33 +282,67 @@ impl<W> Queue<W> {
         }
     }
 
-    /// An upstream 429 on a request granted at `sent` and charged to `buckets`: each learns,
-    /// pauses for `pause` and then lets one probe go (see [`crate::throttle`]). Returns the
-    /// budgets whose rate was lowered and what to tell the other replicas.
+    /// An upstream 429 on a request granted at `sent` and charged to `buckets`: each keyed
+    /// bucket does what `plan.keyed` says, each global one `plan.shared` (see
+    /// [`crate::throttle`]). Returns the budgets whose rate was lowered and what to tell the
+    /// other replicas.
     pub fn throttle(
         &mut self,
         buckets: &[BucketKey],
         retry_after: Option<Duration>,
-        pause: Duration,
+        plan: Plan,
         sent: Nanos,
         now: Nanos,
     ) -> (Vec<String>, Vec<ThrottleRequest>) {
-        let until = now.saturating_add(pause.as_nanos().min(u128::from(u64::MAX)) as Nanos);
         let mut lowered = Vec::new();
         let mut tell = Vec::new();
         for key in buckets {
             let Some(l) = self.lanes.get_mut(key) else {
                 continue;
             };
-            let (was_lowered, t) =
-                l.bucket
-                    .throttle(now, sent, until, retry_after, pause, self.guard);
+            let action = if key.key.is_some() {
+                plan.keyed
+            } else {
+                plan.shared
+            };
+            let (was_lowered, t) = l
+                .bucket
+                .throttle(now, sent, retry_after, action, self.guard);
+            if l.bucket.is_holding(now) {
+                self.holding.insert(key.clone());
+            }
             if was_lowered {
                 lowered.push(key.budget.to_string());
             }
             tell.extend(t);
         }
         (lowered, tell)
+    }
+
+    /// A request granted at `granted` and charged to `buckets` came back without a 429: holds
+    /// that began before it end. Returns whether one did (those waiting may go now).
+    pub fn answered(&mut self, buckets: &[BucketKey], granted: Nanos, now: Nanos) -> bool {
+        let mut ended = false;
+        for key in buckets {
+            if !self.holding.contains(key) {
+                continue;
+            }
+            let Some(l) = self.lanes.get_mut(key) else {
+                self.holding.remove(key);
+                continue;
+            };
+            ended |= l.bucket.answered(granted);
+            if !l.bucket.is_holding(now) {
+                self.holding.remove(key);
+            }
+        }
+        ended
+    }
+
+    /// Whether any bucket holds for a probe's answer (else [`Queue::answered`] has nothing
+    /// to do).
+    pub fn is_holding(&self) -> bool {
+        !self.holding.is_empty()
     }
 
     /// A request granted at `granted` left at `sent`. One that left later than its grant (a
@@ -659,6 +697,9 @@ impl<W> Queue<W> {
             let drained = l.waiting.is_empty();
             !(drained && (l.bucket.is_idle(now) || l.orphan))
         });
+        let lanes = &self.lanes;
+        self.holding
+            .retain(|k| lanes.get(k).is_some_and(|l| l.bucket.is_holding(now)));
     }
 }
 

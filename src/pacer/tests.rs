@@ -2,7 +2,16 @@
 //! reloads and replicas sharing a store.
 use super::*;
 use crate::config::{Per, Rate};
+use crate::throttle::{self, Action, Scope};
 use std::collections::HashMap;
+
+/// A plan that pauses every bucket for `d` (a 429 of a shared limit).
+fn pause_all(d: Duration) -> Plan {
+    Plan {
+        keyed: Action::Pause(d),
+        shared: Action::Pause(d),
+    }
+}
 
 fn spec(name: &str, rate: f64, burst: u32, per: Per) -> BudgetSpec {
     BudgetSpec::new(name, Rate::per_second(rate), burst, per)
@@ -298,7 +307,7 @@ async fn a_throttle_pauses_the_bucket_for_everyone_then_one_probe_then_the_lower
     let lowered = p.throttle(
         &buckets,
         Some(Duration::from_secs(2)),
-        Duration::from_secs(2),
+        pause_all(Duration::from_secs(2)),
         t0,
     );
     assert_eq!(lowered, vec!["g".to_string()]);
@@ -516,7 +525,7 @@ async fn a_throttle_seen_by_one_replica_pauses_the_others() {
                 pacers[0].throttle(
                     &[key],
                     Some(Duration::from_secs(2)),
-                    Duration::from_secs(2),
+                    pause_all(Duration::from_secs(2)),
                     Instant::now(),
                 );
             })
@@ -550,4 +559,173 @@ async fn idle_keyed_buckets_are_forgotten() {
     let d = demand(&p, &[("tok", Some(0))], Priority::Normal);
     p.admit(d).unwrap().granted().await.unwrap().commit();
     assert!(p.view()[0].keys <= 1);
+}
+
+/// The presence route of the shipped config: a shared budget and a per-token one.
+fn shared_and_token() -> Pacer {
+    Pacer::new(
+        &[
+            spec("shared", 100.0, 1, Per::Global),
+            spec("tok", 100.0, 1, Per::Token),
+        ],
+        1000,
+        Duration::from_secs(10),
+    )
+}
+
+/// One request of token `k` through `p`, answered now: returns its grant.
+async fn one(p: &Pacer, k: u8) -> Grant {
+    p.admit(demand(
+        &p,
+        &[("shared", None), ("tok", Some(k))],
+        Priority::Normal,
+    ))
+    .unwrap()
+    .granted()
+    .await
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_tokens_429_pauses_its_key_and_the_others_go_on_after_one_probe() {
+    let p = shared_and_token();
+    let t0 = Instant::now();
+    // token 1 meets a 429 with Retry-After 20 s; whose limit it was is not said
+    let g = one(&p, 1).await;
+    let plan = throttle::plan(
+        Some(Duration::from_secs(20)),
+        Duration::from_secs(180),
+        Scope::Unknown,
+        true,
+    );
+    p.throttle(&g.buckets, Some(Duration::from_secs(20)), plan, g.at);
+    g.commit();
+    // token 2 is the probe: it goes at once (the shared budget's next slot)
+    let probe = one(&p, 2).await;
+    assert!(
+        probe.at - t0 <= Duration::from_millis(20),
+        "{:?}",
+        probe.at - t0
+    );
+    // while the probe is out, the others wait for its answer...
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for k in 3..8u8 {
+        let t = p
+            .admit(demand(
+                &p,
+                &[("shared", None), ("tok", Some(k))],
+                Priority::Normal,
+            ))
+            .unwrap();
+        spawn_waiter(t, k as usize, t0, tx.clone());
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx.try_recv().is_err(), "held while the probe is out");
+    // ... and go on at the shared rate as soon as it comes back without a 429
+    let answered = Instant::now();
+    p.answered(&probe.buckets, probe.at);
+    probe.commit();
+    let mut at = Vec::new();
+    while let Some((_, t)) = rx.recv().await {
+        at.push(t);
+    }
+    assert_eq!(at.len(), 5);
+    assert!(
+        at.iter()
+            .all(|t| *t < answered - t0 + Duration::from_millis(60)),
+        "{at:?}"
+    );
+    // token 1 itself stays paused for its Retry-After
+    let mut again = p
+        .admit(demand(
+            &p,
+            &[("shared", None), ("tok", Some(1))],
+            Priority::Normal,
+        ))
+        .unwrap();
+    assert!(
+        again.predicted >= Duration::from_secs(19),
+        "{:?}",
+        again.predicted
+    );
+    let g = again.granted().await.unwrap();
+    assert!(g.at - t0 >= Duration::from_secs(20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_on_the_probe_too_shows_the_limit_is_shared_and_pauses_everyone() {
+    let p = shared_and_token();
+    let t0 = Instant::now();
+    let ra = Some(Duration::from_secs(5));
+    let plan = throttle::plan(ra, Duration::from_secs(180), Scope::Unknown, true);
+    let g = one(&p, 1).await;
+    p.throttle(&g.buckets, ra, plan, g.at);
+    g.commit();
+    let probe = one(&p, 2).await;
+    p.throttle(&probe.buckets, ra, plan, probe.at);
+    probe.commit();
+    // token 3 never met a 429, but the shared budget is paused now
+    let g3 = one(&p, 3).await;
+    assert!(g3.at - t0 >= Duration::from_secs(5), "{:?}", g3.at - t0);
+    assert!(p
+        .view()
+        .iter()
+        .any(|v| v.name == "shared" && v.rate_in_force < 100.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_past_the_cap_pauses_nothing_shared_and_the_key_at_most_the_cap() {
+    let p = shared_and_token();
+    let t0 = Instant::now();
+    let ra = Some(Duration::from_secs(3600));
+    let plan = throttle::plan(ra, Duration::from_secs(180), Scope::Unknown, true);
+    let g = one(&p, 1).await;
+    p.throttle(&g.buckets, ra, plan, g.at);
+    g.commit();
+    // twenty other tokens: at the shared rate, at once, no probe to wait for
+    for k in 2..22u8 {
+        let g = one(&p, k).await;
+        assert!(
+            g.at - t0 < Duration::from_millis(300),
+            "token {k} at {:?}",
+            g.at - t0
+        );
+        g.commit();
+    }
+    let t = p
+        .admit(demand(
+            &p,
+            &[("shared", None), ("tok", Some(1))],
+            Priority::Normal,
+        ))
+        .unwrap();
+    let wait = t.predicted;
+    assert!(
+        wait <= Duration::from_secs(180) && wait >= Duration::from_secs(179),
+        "{wait:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_ends_by_itself_when_no_answer_comes() {
+    let p = shared_and_token();
+    let t0 = Instant::now();
+    let ra = Some(Duration::from_secs(2));
+    let g = one(&p, 1).await;
+    p.throttle(
+        &g.buckets,
+        ra,
+        throttle::plan(ra, Duration::from_secs(180), Scope::Unknown, true),
+        g.at,
+    );
+    g.commit();
+    let probe = one(&p, 2).await; // never answered
+    probe.commit();
+    let g3 = one(&p, 3).await;
+    let at = g3.at - t0;
+    assert!(
+        at >= Duration::from_secs(2) && at < Duration::from_millis(2100),
+        "{at:?}"
+    );
 }
