@@ -576,7 +576,7 @@ fn shared_and_token() -> Pacer {
 /// One request of token `k` through `p`, answered now: returns its grant.
 async fn one(p: &Pacer, k: u8) -> Grant {
     p.admit(demand(
-        &p,
+        p,
         &[("shared", None), ("tok", Some(k))],
         Priority::Normal,
     ))
