@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod harness;
 pub mod loadtest;
 pub mod metrics;
 pub mod pacer;
