@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::presence::{self, PATH_TEMPLATE};
+use common::wait::{poll_until, wait_until};
 use common::*;
 use shiftgate::harness::ReservedPort;
 use shiftgate::loadtest::{self, Endpoint, LoadResult, LoadSpec};
@@ -236,9 +237,33 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Redis goes away 3 s into the run (180 requests at 60/s) ...
+    wait_until(
+        "180 requests through the replicas",
+        Duration::from_secs(20),
+        || emu.stats().total_requests >= 180,
+    )
+    .await;
     redis.kill();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // ... every replica notices ...
+    for r in &replicas {
+        r.wait_for_metric(
+            "shiftgate_cluster_redis_up",
+            Duration::from_secs(10),
+            |up| up == 0.0,
+        )
+        .await;
+    }
+    // ... and it stays away for the three whole seconds after that, which the assertions below
+    // measure: the length of the outage is the point, not a wait for something.
+    let fallback_from = emu.stats().elapsed_seconds.ceil() as u64;
+    let outage_seconds = fallback_from..fallback_from + 3;
+    wait_until(
+        "three whole seconds without Redis",
+        Duration::from_secs(10),
+        || emu.stats().elapsed_seconds >= outage_seconds.end as f64,
+    )
+    .await;
     let down_seen = replicas[0].metric("shiftgate_cluster_redis_up").await;
     redis.spawn();
     let mut total_ok = 0;
@@ -255,14 +280,19 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
                 .sum::<usize>();
     }
     let stats = emu.stats();
-    // seconds 4..7 were without Redis: 3 replicas × 20/s
+    // Those seconds were without Redis: 3 replicas × 20/s.
     let outage: Vec<u64> = stats
         .timeline
         .iter()
-        .filter(|s| (4..7).contains(&s.second))
+        .filter(|s| outage_seconds.contains(&s.second))
         .map(|s| s.requests)
         .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Sharing resumes (its probe runs every 500 ms): looked for up to 1.5 s more, asserted below.
+    let first = &replicas[0];
+    poll_until(Duration::from_millis(1500), || async move {
+        first.metric("shiftgate_cluster_redis_up").await == 1.0
+    })
+    .await;
     let up_again = replicas[0].metric("shiftgate_cluster_redis_up").await;
     let fallback = replicas[0]
         .metric("shiftgate_cluster_fallback_seconds_total")
@@ -273,6 +303,7 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
     assert_eq!(down_seen, 0.0);
     assert_eq!(up_again, 1.0, "sharing resumed without a restart");
     assert!(fallback >= 2.0, "fallback time counted: {fallback}");
+    assert_eq!(outage.len(), 3, "whole seconds without Redis: {outage:?}");
     for n in &outage {
         assert!((45..=62).contains(n), "fallback share: {outage:?}");
     }

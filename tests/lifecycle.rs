@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::presence::{self, PATH_TEMPLATE};
-use common::wait::poll_until;
+use common::wait::{holds_for, poll_until, wait_until, wait_until_async, POLL};
 use common::*;
 use http::Method;
 use shiftgate::harness::ReservedPort;
@@ -256,13 +256,25 @@ async fn a_renamed_config_changes_the_rate_under_load_and_a_broken_one_changes_n
         None,
     ));
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The rename once the emulator has seen two whole seconds at 20/s after the first.
+    wait_until("two whole seconds at 20/s", Duration::from_secs(20), || {
+        let stats = emu.stats();
+        full_seconds(&stats.timeline, 1.0, stats.elapsed_seconds).len() >= 2
+    })
+    .await;
     let renamed_at = emu.stats().elapsed_seconds;
     proxy.replace_config(&presence("100/s"));
     let latency = wait_for_rate(&proxy, "presence", 100.0, Duration::from_secs(5)).await;
 
-    // A broken file 2.5 s later: refused, counted, the 100/s stays.
-    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(latency)).await;
+    // A broken file once the new rate shows at the emulator for a whole second: refused,
+    // counted, the 100/s stays.
+    wait_until("a whole second at 100/s", Duration::from_secs(20), || {
+        let stats = emu.stats();
+        full_seconds(&stats.timeline, renamed_at + 0.5, stats.elapsed_seconds)
+            .iter()
+            .any(|&(_, n)| n >= 85)
+    })
+    .await;
     let failures = reloads(&proxy, "failure").await;
     let broken_at = emu.stats().elapsed_seconds;
     proxy.replace_config(&broken("20/s"));
@@ -350,12 +362,15 @@ async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
 
     // SIGHUP: the file changed in a way the watcher cannot see; only the signal applies it.
     write_unwatched(&proxy, &presence_unwatched("90/s"));
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        configured_rate(&proxy, "presence").await,
-        2.0,
-        "the watcher did not see the unwatched rewrite"
-    );
+    // That nothing happens is the point here: for 600 ms (two and more looks of a watcher,
+    // every 250 ms, were it on) the rate stays.
+    let p = &proxy;
+    holds_for(
+        "the watcher did not see the unwatched rewrite",
+        Duration::from_millis(600),
+        || async move { configured_rate(p, "presence").await == 2.0 },
+    )
+    .await;
     proxy.signal("HUP");
     wait_for_rate(&proxy, "presence", 90.0, Duration::from_secs(5)).await;
     wait_for_log(&proxy, |l| {
@@ -463,9 +478,9 @@ async fn post_reload_needs_the_admin_token_when_one_is_configured() {
     assert_eq!(reloads(&proxy, "success").await, successes);
     assert_eq!(reloads(&proxy, "failure").await, failures);
 
+    // The watcher is off (`watch_file: false`) and cannot see this rewrite anyway: only the
+    // POST below can reload.
     write_unwatched(&proxy, &token_cfg("7/s"));
-    // (Should the watcher have caught the rewrite, it would count here, not below.)
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let before_post = reloads(&proxy, "success").await;
     let a = post_reload(&proxy, Some("s3cret")).await;
     assert_eq!(a.status, 200, "{}", body_text(&a));
@@ -624,8 +639,14 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         }
     }
 
-    // New requests during the drain are refused at once.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // New requests during the drain (it has begun once /readyz says 503) are refused at once.
+    let admin = proxy.admin();
+    wait_until_async(
+        "/readyz answers 503",
+        Duration::from_secs(5),
+        || async move { get(admin, "/readyz").await.is_ok_and(|a| a.status == 503) },
+    )
+    .await;
     for i in 0..3 {
         let t = Instant::now();
         let a = patch(proxy.addr(), 1000 + i).await.expect("an answer");
@@ -725,19 +746,36 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
         None,
     ));
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // The new process first: it listens on the upgrade socket for the old one's fds.
+    // 2 s into the run (200 requests at 100/s), the new process first: it listens on the
+    // upgrade socket for the old one's fds.
+    wait_until(
+        "200 requests through the old process",
+        Duration::from_secs(20),
+        || emu.stats().total_requests >= 200,
+    )
+    .await;
     let new = proxy.spawn_upgrade();
-    // Meanwhile the admin port keeps answering at once (the new process is still waiting
-    // for the sockets and must not hold admin connections it cannot serve yet).
+    // Meanwhile the admin port keeps answering at once: while the new process starts, and for
+    // 1 s once it waits for the sockets (its upgrade socket is there), when it must not hold
+    // admin connections it cannot serve yet. That nothing goes unanswered is the point.
+    let upgrade_sock = proxy.upgrade_sock();
+    let spawned = Instant::now();
+    let mut waiting_since: Option<Instant> = None;
     let mut slowest_admin = Duration::ZERO;
-    let overlap = Instant::now();
-    while overlap.elapsed() < Duration::from_secs(1) {
+    while waiting_since.is_none_or(|t| t.elapsed() < Duration::from_secs(1)) {
         let t = Instant::now();
         let a = tokio::time::timeout(Duration::from_secs(5), get(proxy.admin(), "/healthz")).await;
         assert!(matches!(a, Ok(Ok(ref a)) if a.status == 200), "{a:?}");
         slowest_admin = slowest_admin.max(t.elapsed());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if waiting_since.is_none() && upgrade_sock.exists() {
+            waiting_since = Some(Instant::now());
+        }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(20),
+            "the new process opened no upgrade socket; log:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(POLL).await;
     }
     proxy.signal("QUIT");
     let quit_at = t0.elapsed();

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::presence::{self, BULK_PATH, DEFINITIONS_PATH, DEFINITION_ID, PATH_TEMPLATE};
+use common::wait::wait_until_async;
 use common::*;
 use http::Method;
+use shiftgate::harness::EmulatorRuntime;
 use shiftgate::harness::ReservedPort;
 use shiftgate::loadtest;
 
@@ -46,6 +48,27 @@ fn presence_config_with_depth(budget: &str, max_wait: &str, max_depth: usize) ->
         .yaml(&format!(
             "queue:\n  max_depth: {max_depth}\nretry:\n  backoff_base: \"100ms\""
         ))
+}
+
+/// Presence updates the proxy has taken in so far: waiting in its queue, refused, or sent on
+/// to the emulator (the only requests the emulator sees in these tests).
+async fn taken_in(proxy: &ProxyProcess, emu: &EmulatorRuntime) -> f64 {
+    let (_, samples) = prom::parse_exposition(&proxy.metrics().await);
+    let route = [("route", "presence")];
+    prom::sum(&samples, "shiftgate_queue_depth", &route)
+        + prom::sum(&samples, "shiftgate_rejections_total", &route)
+        + emu.stats().total_requests as f64
+}
+
+/// Waits until the proxy has taken in `n` presence updates, so that the next one arrives after
+/// them.
+async fn wait_taken_in(proxy: &ProxyProcess, emu: &EmulatorRuntime, n: usize) {
+    wait_until_async(
+        &format!("{n} presence updates taken in"),
+        Duration::from_secs(5),
+        || async move { taken_in(proxy, emu).await >= n as f64 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +198,7 @@ async fn a_request_that_cannot_start_within_max_wait_is_answered_at_once_with_re
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let proxy = ProxyProcess::start(&presence_config("1/s", "2s"), emu.local_addr()).await;
     let mut handles = Vec::new();
-    for _ in 0..8 {
+    for i in 0..8 {
         let addr = proxy.addr();
         handles.push(tokio::spawn(async move {
             let t = Instant::now();
@@ -193,8 +216,8 @@ async fn a_request_that_cannot_start_within_max_wait_is_answered_at_once_with_re
             .unwrap();
             (a, t.elapsed())
         }));
-        // arrive in a known order
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // arrive in a known order: each once the one before is sent, waiting or refused
+        wait_taken_in(&proxy, &emu, i + 1).await;
     }
     let mut ok = 0;
     let mut rejected = 0;
@@ -232,7 +255,7 @@ async fn past_max_depth_requests_are_refused_with_queue_full() {
     let cfg = presence_config_with_depth("1/s", "60s", 2);
     let proxy = ProxyProcess::start(&cfg, emu.local_addr()).await;
     let mut handles = Vec::new();
-    for _ in 0..5 {
+    for i in 0..5 {
         let addr = proxy.addr();
         handles.push(tokio::spawn(async move {
             request(
@@ -245,7 +268,7 @@ async fn past_max_depth_requests_are_refused_with_queue_full() {
             .await
             .unwrap()
         }));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        wait_taken_in(&proxy, &emu, i + 1).await;
     }
     let mut statuses = Vec::new();
     for h in handles {
@@ -286,28 +309,29 @@ async fn a_client_that_leaves_while_waiting_is_not_sent_and_frees_its_slot() {
     .await
     .unwrap();
     assert_eq!(a.status, 200);
-    // Five clients queue for 0.5, 1.0, ... 2.5 s, then hang up after 150 ms.
+    // Five clients queue for 0.5, 1.0, ... 2.5 s, then hang up once all five wait.
     let raw_req = format!(
         "PATCH {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut leavers = Vec::new();
     for _ in 0..5 {
-        let addr = proxy.addr();
-        let req = raw_req.clone();
-        leavers.push(tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(req.as_bytes()).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            drop(s);
-        }));
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(raw_req.as_bytes()).await.unwrap();
+        leavers.push(s);
     }
-    for l in leavers {
-        l.await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    // B arrives ~0.35 s after A: it gets the 0.5 s slot, not the 3 s one.
+    let depth = r#"shiftgate_queue_depth{route="presence"}"#;
+    let disconnects = r#"shiftgate_client_disconnects_total{route="presence"}"#;
+    proxy
+        .wait_for_metric(depth, Duration::from_secs(5), |n| n == 5.0)
+        .await;
+    drop(leavers);
+    // B arrives once the proxy has seen them go, well before 0.5 s: it gets the 0.5 s slot, not
+    // the 3 s one.
+    proxy
+        .wait_for_metric(disconnects, Duration::from_secs(5), |n| n == 5.0)
+        .await;
     let b = request(
         proxy.addr(),
         Method::PATCH,
@@ -323,21 +347,18 @@ async fn a_client_that_leaves_while_waiting_is_not_sent_and_frees_its_slot() {
         wait < 500,
         "B waited {wait} ms behind clients that had left"
     );
-    // Only A and B reached the emulator.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Only A and B reached the emulator. Nothing is left that could still reach it: nothing in
+    // flight now, and (asserted below) nothing waiting.
+    proxy
+        .wait_for_metric(
+            r#"shiftgate_inflight_requests{route="presence"}"#,
+            Duration::from_secs(5),
+            |n| n == 0.0,
+        )
+        .await;
     assert_eq!(emu.stats().count("presence_patch", 200), 2);
-    assert_eq!(
-        proxy
-            .metric(r#"shiftgate_client_disconnects_total{route="presence"}"#)
-            .await,
-        5.0
-    );
-    assert_eq!(
-        proxy
-            .metric(r#"shiftgate_queue_depth{route="presence"}"#)
-            .await,
-        0.0
-    );
+    assert_eq!(proxy.metric(disconnects).await, 5.0);
+    assert_eq!(proxy.metric(depth).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,9 +435,9 @@ async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configure
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
     // A listener standing for "another host": nothing may ever connect to it.
+    // A connection to it waits in its backlog, to be seen at the end.
     let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let foreign_addr = foreign.local_addr().unwrap();
-    let touched = tokio::spawn(async move { foreign.accept().await.is_ok() });
 
     let absolute = format!(
         "GET http://{foreign_addr}/api/v2/presence/definitions HTTP/1.1\r\nHost: {foreign_addr}\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n"
@@ -457,9 +478,10 @@ async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configure
         !connect.starts_with("HTTP/1.1 200"),
         "CONNECT must not tunnel: {connect}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!touched.is_finished(), "the foreign host was contacted");
-    touched.abort();
+    // That nothing happens is the point: no connection came since the start, and none comes in
+    // 200 ms more.
+    let touched = tokio::time::timeout(Duration::from_millis(200), foreign.accept()).await;
+    assert!(touched.is_err(), "the foreign host was contacted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,7 +648,9 @@ async fn json_logs_are_one_object_per_line_with_the_access_fields_and_no_token()
     .await
     .unwrap();
     assert_eq!(a.status, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy
+        .wait_for_log(Duration::from_secs(5), |l| l.contains("shiftgate::access"))
+        .await;
     let log = proxy.logs();
     assert!(!log.contains("sup3r-s3cret-token"));
     let mut access = None;
@@ -694,11 +718,11 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_refused() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(port.addr()).await.is_err() {
-        assert!(Instant::now() < deadline, "s_server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let tls = port.addr();
+    wait_until_async("s_server listens", Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(tls).await.is_ok()
+    })
+    .await;
     let cfg = ProxyConfig::new()
         .api_https()
         .route(r#"{ name: default, match: { path: "/**" } }"#)

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::presence::{self, BULK_PATH, PATH_TEMPLATE};
+use common::wait::wait_until;
 use common::*;
 use http::Method;
 use shiftgate::loadtest;
@@ -106,8 +107,14 @@ async fn a_429_outage_pauses_the_budget_instead_of_letting_every_waiter_probe() 
     let proxy = ProxyProcess::start(&config("50/s", ""), emu.local_addr()).await;
     let target = proxy.url();
     let load = tokio::spawn(loadtest::run(shift_change(target, 100, 6, 100), None));
-    // 2 s into the run, a 3 s outage answering 429 with Retry-After: 3.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 2 s into the run (100 requests at 50/s sent), a 3 s outage answering 429 with
+    // Retry-After: 3.
+    wait_until(
+        "100 requests through the proxy",
+        Duration::from_secs(20),
+        || emu.stats().total_requests >= 100,
+    )
+    .await;
     let outage: shiftgate::emulator::Fault = serde_json::from_value(
         serde_json::json!({"kind": "outage_429", "duration": "3s", "retry_after": 3}),
     )
