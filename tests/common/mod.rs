@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
+pub use shiftgate::digest::sha256_hex;
 use shiftgate::emulator::EmulatorConfig;
 use shiftgate::harness::EmulatorRuntime;
 use shiftgate::loadtest::client::{AgentConnection, Answer, ClientError, OutgoingRequest};
@@ -123,11 +124,6 @@ pub fn assert_own_answer(a: &Answer, status: u16, code: &str) -> serde_json::Val
     v
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(data);
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 pub fn repo_path(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
