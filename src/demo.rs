@@ -7,13 +7,11 @@
 //! ([`crate::server::run`]), so the demo runs `shiftgate run --config <temp file>` from its own
 //! binary and kills it at the end. The emulators run in-process, on a runtime of their own, so
 //! that their clock does not depend on how busy the load generator is (they stand for a remote
-//! API). Each run gets a fresh emulator: the same org, with no limit window left over from the
-//! run before.
+//! API). Both are started by [`crate::harness`], as the integration tests start them. Each run
+//! gets a fresh emulator: the same org, with no limit window left over from the run before.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -21,7 +19,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
 
 use crate::config::Config;
-use crate::emulator::{Emulator, EmulatorConfig, StatsSnapshot};
+use crate::emulator::{EmulatorConfig, StatsSnapshot};
+use crate::harness::{EmulatorRuntime, ProxyChild, ProxyOptions};
 use crate::loadtest::client::{AgentConnection, OutgoingRequest};
 use crate::loadtest::{self, Endpoint, LoadSpec, Percentiles, Summary, Target};
 
@@ -85,7 +84,7 @@ async fn interrupted() -> &'static str {
 }
 
 /// One way of sending the shift change, and what came of it.
-struct Outcome {
+struct WayResult {
     title: &'static str,
     summary: Summary,
     api: StatsSnapshot,
@@ -122,18 +121,18 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
     let emulators = EmulatorRuntime::start(emulator_config, 3)?;
     let proxy_upstream = emulators.get(2).local_addr();
-    let proxy = ProxyChild::start(proxy_upstream, args)
+    let (proxy, max_wait) = start_proxy(proxy_upstream, args)
         .await
         .context("cannot start the proxy")?;
     print_now(&format!(
         "shiftgate: `{} run --config {}`\n  (a child process, pid {}) on http://{},\n  \
          budgets: presence {limit}/s (burst 1), per-token {TOKEN_RATE_PER_MINUTE}/min per \
          token; queue max_wait {}.\n\n",
-        proxy.exe.display(),
-        proxy.config_path.display(),
-        proxy.child.id(),
-        proxy.addr,
-        humantime::format_duration(proxy.max_wait),
+        proxy.exe().display(),
+        proxy.config_path().display(),
+        proxy.pid(),
+        proxy.addr(),
+        humantime::format_duration(max_wait),
     ));
 
     let timeout = Duration::from_secs(30) + ideal * 2;
@@ -178,18 +177,18 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         ),
     ];
 
-    let mut outcomes = Vec::new();
+    let mut results = Vec::new();
     for (i, (title, what, target, sdk_retry, emulator)) in runs.into_iter().enumerate() {
         print_now(&format!("[{}/3] {what} ... ", i + 1));
         let api = emulators.get(emulator);
         if emulator == 2 {
-            proxy.warm_up().await?;
+            warm_up(proxy.addr()).await?;
         }
         api.reset_stats();
         let started = Instant::now();
         let result = loadtest::run(spec(target, sdk_retry), None).await?;
         print_now(&format!("{:.1} s\n", started.elapsed().as_secs_f64()));
-        outcomes.push(Outcome {
+        results.push(WayResult {
             title,
             summary: result.summary(),
             api: api.stats(),
@@ -199,9 +198,9 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
     let mut out = String::new();
     let _ = writeln!(out);
-    out.push_str(&comparison(&outcomes, ideal));
+    out.push_str(&comparison(&results, ideal));
     let _ = writeln!(out);
-    out.push_str(&conclusion(&outcomes, ideal, total));
+    out.push_str(&conclusion(&results, ideal, total));
     print_now(&out);
     Ok(())
 }
@@ -224,18 +223,18 @@ route_limits:
 }
 
 /// The side-by-side table: one column per way of sending.
-fn comparison(outcomes: &[Outcome], ideal: Duration) -> String {
+fn comparison(results: &[WayResult], ideal: Duration) -> String {
     let rows: Vec<(String, Vec<String>)> = vec![
         (
             "completion time".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| format!("{:.2} s", o.summary.completion_time.as_secs_f64()))
                 .collect(),
         ),
         (
             format!("  x ideal ({:.1} s)", ideal.as_secs_f64()),
-            outcomes
+            results
                 .iter()
                 .map(|o| {
                     format!(
@@ -247,11 +246,11 @@ fn comparison(outcomes: &[Outcome], ideal: Duration) -> String {
         ),
         (
             "answers by status".into(),
-            outcomes.iter().map(|o| statuses(&o.summary)).collect(),
+            results.iter().map(|o| statuses(&o.summary)).collect(),
         ),
         (
             "updates lost".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| {
                     let ok = o
@@ -266,35 +265,35 @@ fn comparison(outcomes: &[Outcome], ideal: Duration) -> String {
         ),
         (
             "client-visible 429s".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| o.summary.client_429s.to_string())
                 .collect(),
         ),
         (
             "SDK retries".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| o.summary.sdk_retries.to_string())
                 .collect(),
         ),
         (
             "API requests".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| o.api.total_requests.to_string())
                 .collect(),
         ),
         (
             "upstream 429s (API)".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| o.api.status_count(429).to_string())
                 .collect(),
         ),
         (
             "API busiest second".into(),
-            outcomes
+            results
                 .iter()
                 .map(|o| {
                     o.api
@@ -307,22 +306,22 @@ fn comparison(outcomes: &[Outcome], ideal: Duration) -> String {
                 })
                 .collect(),
         ),
-        percentile_row("latency p50", outcomes, |s| s.latency, |p| p.p50),
-        percentile_row("latency p99", outcomes, |s| s.latency, |p| p.p99),
-        percentile_row("wait in shiftgate p50", outcomes, |s| s.wait, |p| p.p50),
-        percentile_row("wait in shiftgate p99", outcomes, |s| s.wait, |p| p.p99),
+        percentile_row("latency p50", results, |s| s.latency, |p| p.p50),
+        percentile_row("latency p99", results, |s| s.latency, |p| p.p99),
+        percentile_row("wait in shiftgate p50", results, |s| s.wait, |p| p.p50),
+        percentile_row("wait in shiftgate p99", results, |s| s.wait, |p| p.p99),
     ];
     let label_width = 24;
     let width = rows
         .iter()
         .flat_map(|(_, values)| values.iter().map(String::len))
-        .chain(outcomes.iter().map(|o| o.title.len()))
+        .chain(results.iter().map(|o| o.title.len()))
         .max()
         .unwrap_or(10)
         + 3;
     let mut out = String::new();
     let _ = write!(out, "{:<label_width$}", "");
-    for o in outcomes {
+    for o in results {
         let _ = write!(out, "{:>width$}", o.title);
     }
     let _ = writeln!(out);
@@ -338,11 +337,11 @@ fn comparison(outcomes: &[Outcome], ideal: Duration) -> String {
 
 fn percentile_row(
     label: &str,
-    outcomes: &[Outcome],
+    results: &[WayResult],
     of: impl Fn(&Summary) -> Option<Percentiles>,
     pick: impl Fn(&Percentiles) -> Duration,
 ) -> (String, Vec<String>) {
-    let values = outcomes
+    let values = results
         .iter()
         .map(|o| match of(&o.summary) {
             Some(p) => millis(pick(&p)),
@@ -377,14 +376,14 @@ fn statuses(summary: &Summary) -> String {
 }
 
 /// What the table says, in words.
-fn conclusion(outcomes: &[Outcome], ideal: Duration, total: usize) -> String {
+fn conclusion(results: &[WayResult], ideal: Duration, total: usize) -> String {
     let mut out = String::new();
-    let [plain, retried, proxied] = outcomes else {
+    let [plain, retried, proxied] = results else {
         return out;
     };
-    let ok = |o: &Outcome| o.summary.by_status.get(&200).copied().unwrap_or(0);
-    let peak = |o: &Outcome| o.api.timeline.iter().map(|s| s.requests).max().unwrap_or(0);
-    let p99 = |o: &Outcome| o.summary.latency.map_or("n/a".into(), |p| millis(p.p99));
+    let ok = |o: &WayResult| o.summary.by_status.get(&200).copied().unwrap_or(0);
+    let peak = |o: &WayResult| o.api.timeline.iter().map(|s| s.requests).max().unwrap_or(0);
+    let p99 = |o: &WayResult| o.summary.latency.map_or("n/a".into(), |p| millis(p.p99));
     let _ = writeln!(
         out,
         "- Straight at the API without retry, {} of {total} updates were lost to 429s: those \
@@ -433,208 +432,52 @@ fn print_now(text: &str) {
     let _ = stdout.flush();
 }
 
-/// The emulators on a one-thread runtime of their own; stopped on drop.
-struct EmulatorRuntime {
-    emulators: Vec<Emulator>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl EmulatorRuntime {
-    fn start(config: EmulatorConfig, count: usize) -> anyhow::Result<EmulatorRuntime> {
-        // Built on a plain thread: a runtime cannot be created or blocked on from inside another.
-        std::thread::spawn(move || -> anyhow::Result<EmulatorRuntime> {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("demo-emulator")
-                .enable_all()
-                .build()
-                .context("cannot start the emulator's runtime")?;
-            let mut emulators = Vec::new();
-            for _ in 0..count {
-                let emulator = runtime
-                    .block_on(Emulator::start(loopback(0), config.clone()))
-                    .context("cannot start the emulator")?;
-                emulators.push(emulator);
-            }
-            Ok(EmulatorRuntime {
-                emulators,
-                runtime: Some(runtime),
-            })
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the emulator's thread panicked"))?
-    }
-
-    fn get(&self, i: usize) -> &Emulator {
-        &self.emulators[i]
-    }
-}
-
-impl Drop for EmulatorRuntime {
-    fn drop(&mut self) {
-        // Dropping an emulator stops its listener; the runtime is then let go without blocking,
-        // since this may run inside the demo's own runtime.
-        self.emulators.clear();
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// A free loopback port: bound, then released for the child to bind.
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(loopback(0)).context("no free loopback port")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// `shiftgate run` as a child process, with its config and log in a temporary directory; killed
-/// and cleaned up on drop.
-struct ProxyChild {
-    child: Child,
-    exe: PathBuf,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    dir: PathBuf,
-    config_path: PathBuf,
-    log_path: PathBuf,
-    max_wait: Duration,
-}
-
-impl ProxyChild {
-    async fn start(upstream: SocketAddr, args: &DemoArgs) -> anyhow::Result<ProxyChild> {
-        let exe = std::env::current_exe().context("cannot find this program's own path")?;
-        let unique = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("shiftgate-demo-{}-{unique}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let addr = loopback(free_port()?);
-        let admin = loopback(free_port()?);
-        // Admission is decided on arrival from the predicted wait: at most every agent is ahead.
-        let max_wait =
-            Duration::from_secs((2 * u64::from(args.agents)).div_ceil(u64::from(args.limit)) + 30);
-        let text = proxy_config(addr, admin, upstream, args, max_wait);
+/// `shiftgate run` from this very binary, on the demo's config, with its config and log in a
+/// temporary directory; ready once it answers `/healthz`. Also the `max_wait` of its presence
+/// route: admission is decided on arrival from the predicted wait, and at most every agent is
+/// ahead.
+async fn start_proxy(
+    upstream: SocketAddr,
+    args: &DemoArgs,
+) -> anyhow::Result<(ProxyChild, Duration)> {
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let max_wait =
+        Duration::from_secs((2 * u64::from(args.agents)).div_ceil(u64::from(args.limit)) + 30);
+    let mut options = ProxyOptions::new(exe);
+    options.rust_log = "warn".into();
+    options.dir_prefix = "shiftgate-demo".into();
+    let proxy = ProxyChild::start(options, |listen, admin| {
+        let text = proxy_config(listen, admin, upstream, args, max_wait);
         Config::parse(&text).map_err(|e| anyhow::anyhow!("the demo's proxy config: {e}"))?;
-        let config_path = dir.join("config.yaml");
-        let log_path = dir.join("shiftgate.log");
-        std::fs::write(&config_path, text)
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let child = Command::new(&exe)
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--upgrade-sock")
-            .arg(dir.join("upgrade.sock"))
-            .arg("--pid-file")
-            .arg(dir.join("shiftgate.pid"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let mut proxy = ProxyChild {
-            child,
-            exe,
-            addr,
-            admin,
-            dir,
-            config_path,
-            log_path,
-            max_wait,
-        };
-        proxy.wait_healthy().await?;
-        Ok(proxy)
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "`shiftgate run` exited ({status}) before it was ready; its log:\n{}",
-                    self.log_tail()
-                );
-            }
-            let healthy = matches!(
-                send(self.admin, Method::GET, "/healthz", None).await,
-                Ok(200)
-            );
-            if healthy && tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "`shiftgate run` did not answer /healthz on {} within 20 s; its log:\n{}",
-                    self.admin,
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Opens upstream connections through an unpaced-by-presence route, concurrently.
-    async fn warm_up(&self) -> anyhow::Result<()> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..WARM_CONNECTIONS {
-            let addr = self.addr;
-            tasks.spawn(async move {
-                send(
-                    addr,
-                    Method::GET,
-                    "/api/v2/presence/definitions",
-                    Some(WARM_TOKEN),
-                )
-                .await
-            });
-        }
-        while let Some(result) = tasks.join_next().await {
-            match result? {
-                Ok(200) => {}
-                Ok(status) => bail!("warming up through the proxy: answer {status}"),
-                Err(e) => bail!("warming up through the proxy: {e}"),
-            }
-        }
-        Ok(())
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn stop(mut self) {
-        self.kill();
-    }
-
-    fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
+        Ok(text)
+    })
+    .await?;
+    Ok((proxy, max_wait))
 }
 
-impl Drop for ProxyChild {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// Opens upstream connections through an unpaced-by-presence route of the proxy at `addr`,
+/// concurrently.
+async fn warm_up(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..WARM_CONNECTIONS {
+        tasks.spawn(async move {
+            send(
+                addr,
+                Method::GET,
+                "/api/v2/presence/definitions",
+                Some(WARM_TOKEN),
+            )
+            .await
+        });
     }
+    while let Some(result) = tasks.join_next().await {
+        match result? {
+            Ok(200) => {}
+            Ok(status) => bail!("warming up through the proxy: answer {status}"),
+            Err(e) => bail!("warming up through the proxy: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// The proxy's config: the shipped config.yaml's presence and per-token budgets, on loopback.
@@ -709,6 +552,10 @@ async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
 
     #[test]
     fn the_proxy_config_it_writes_is_valid() {

@@ -33,6 +33,8 @@
 //! - [`emulator`]: a stand-in for the Genesys API, for tests, load tests and the demo.
 //! - [`loadtest`]: the shift-change load generator and the HTTP client of the tests.
 //! - [`demo`]: one shift change straight at the emulator and through the proxy, side by side.
+//! - [`harness`]: the emulator on a thread of its own and the real binary as a child process,
+//!   on reserved loopback ports: what the demo and the end-to-end tests start.
 
 pub mod admin;
 pub mod budget;
@@ -41,6 +43,7 @@ pub mod demo;
 pub mod digest;
 pub mod emulator;
 pub mod genesys;
+pub mod harness;
 pub mod loadtest;
 pub mod local_response;
 pub mod metrics;

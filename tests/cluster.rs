@@ -1,4 +1,4 @@
-//! Replicas sharing budgets through a real redis-server (started by the test on a free port):
+//! Replicas sharing budgets through a real redis-server (started by the test on a reserved port):
 //! together within the budget whatever the spread of load, throttles shared, and no client
 //! error when Redis goes away (each replica keeps its fallback share) or comes back.
 
@@ -7,13 +7,17 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::presence::{self, PATH_TEMPLATE};
+use common::wait::{poll_until, wait_until};
 use common::*;
+use shiftgate::harness::ReservedPort;
 use shiftgate::loadtest::{self, Endpoint, LoadResult, LoadSpec};
 
-/// A redis-server on a free loopback port, killed on drop.
+/// A redis-server on a reserved loopback port (the same one when it is started again), killed
+/// on drop.
 struct Redis {
     child: Option<Child>,
-    port: u16,
+    port: ReservedPort,
     dir: tempfile::TempDir,
 }
 
@@ -22,7 +26,7 @@ impl Redis {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Redis {
             child: None,
-            port: free_port(),
+            port: ReservedPort::loopback().unwrap(),
             dir,
         };
         r.spawn();
@@ -33,7 +37,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",
-                &self.port.to_string(),
+                &self.port.port().to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -64,7 +68,7 @@ impl Redis {
 
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+            .args(["-p", &self.port.port().to_string()])
             .args(args)
             .output()
             .expect("redis-cli");
@@ -88,7 +92,7 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://{}/0", self.port.addr())
     }
 }
 
@@ -98,27 +102,22 @@ impl Drop for Redis {
     }
 }
 
-fn config(budgets: &str, route_budgets: &str, redis: &str) -> String {
-    format!(
-        r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: {{ url: "http://@EMU@" }}
-budgets:
-{budgets}
-routes:
-  - name: presence
-    match: {{ method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}" }}
-    budgets: {route_budgets}
-    max_wait: "120s"
-  - name: default
-    match: {{ path: "/**" }}
-queue:
-  max_depth: 5000
-{redis}
-"#
-    )
+/// One budget, `budget` as `spec`, on the presence route; the rest unpaced; `cluster` as is
+/// (empty: no sharing).
+fn config(budget: &str, spec: &str, cluster: &str) -> ProxyConfig {
+    ProxyConfig::new()
+        .budget(budget, spec)
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            budgets: [{budget}]
+            max_wait: "120s"
+            "#
+        ))
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("queue:\n  max_depth: 5000")
+        .yaml(cluster)
 }
 
 fn cluster_block(redis: &Redis) -> String {
@@ -141,7 +140,7 @@ fn load(
     }
 }
 
-async fn start_replicas(cfg: &str, emu: std::net::SocketAddr) -> Vec<ProxyProcess> {
+async fn start_replicas(cfg: &ProxyConfig, emu: std::net::SocketAddr) -> Vec<ProxyProcess> {
     let mut v = Vec::new();
     for _ in 0..3 {
         v.push(ProxyProcess::start(cfg, emu).await);
@@ -156,12 +155,8 @@ fn ok_count(r: &LoadResult) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_with_uneven_load_stay_within_one_shared_budget() {
     let redis = Redis::start();
-    let emu = emulator(&presence_limited("60/s", "10ms", "20ms")).await;
-    let cfg = config(
-        "  presence: { rate: \"60/s\" }",
-        "[presence]",
-        &cluster_block(&redis),
-    );
+    let emu = emulator(&presence::limited_emulator("60/s", "10ms", "20ms")).await;
+    let cfg = config("presence", r#"{ rate: "60/s" }"#, &cluster_block(&redis));
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     emu.reset_stats();
     let calls_before = redis.script_calls();
@@ -229,11 +224,7 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
     let mut redis = Redis::start();
     let emu =
         emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
-    let cfg = config(
-        "  presence: { rate: \"60/s\" }",
-        "[presence]",
-        &cluster_block(&redis),
-    );
+    let cfg = config("presence", r#"{ rate: "60/s" }"#, &cluster_block(&redis));
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     emu.reset_stats();
     // Equal load on the three replicas for ~12 s.
@@ -246,9 +237,33 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Redis goes away 3 s into the run (180 requests at 60/s) ...
+    wait_until(
+        "180 requests through the replicas",
+        Duration::from_secs(20),
+        || emu.stats().total_requests >= 180,
+    )
+    .await;
     redis.kill();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // ... every replica notices ...
+    for r in &replicas {
+        r.wait_for_metric(
+            "shiftgate_cluster_redis_up",
+            Duration::from_secs(10),
+            |up| up == 0.0,
+        )
+        .await;
+    }
+    // ... and it stays away for the three whole seconds after that, which the assertions below
+    // measure: the length of the outage is the point, not a wait for something.
+    let fallback_from = emu.stats().elapsed_seconds.ceil() as u64;
+    let outage_seconds = fallback_from..fallback_from + 3;
+    wait_until(
+        "three whole seconds without Redis",
+        Duration::from_secs(10),
+        || emu.stats().elapsed_seconds >= outage_seconds.end as f64,
+    )
+    .await;
     let down_seen = replicas[0].metric("shiftgate_cluster_redis_up").await;
     redis.spawn();
     let mut total_ok = 0;
@@ -265,14 +280,19 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
                 .sum::<usize>();
     }
     let stats = emu.stats();
-    // seconds 4..7 were without Redis: 3 replicas × 20/s
+    // Those seconds were without Redis: 3 replicas × 20/s.
     let outage: Vec<u64> = stats
         .timeline
         .iter()
-        .filter(|s| (4..7).contains(&s.second))
+        .filter(|s| outage_seconds.contains(&s.second))
         .map(|s| s.requests)
         .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Sharing resumes (its probe runs every 500 ms): looked for up to 1.5 s more, asserted below.
+    let first = &replicas[0];
+    poll_until(Duration::from_millis(1500), || async move {
+        first.metric("shiftgate_cluster_redis_up").await == 1.0
+    })
+    .await;
     let up_again = replicas[0].metric("shiftgate_cluster_redis_up").await;
     let fallback = replicas[0]
         .metric("shiftgate_cluster_fallback_seconds_total")
@@ -283,6 +303,7 @@ async fn when_redis_dies_replicas_keep_their_share_and_share_again_when_it_retur
     assert_eq!(down_seen, 0.0);
     assert_eq!(up_again, 1.0, "sharing resumed without a restart");
     assert!(fallback >= 2.0, "fallback time counted: {fallback}");
+    assert_eq!(outage.len(), 3, "whole seconds without Redis: {outage:?}");
     for n in &outage {
         assert!((45..=62).contains(n), "fallback share: {outage:?}");
     }
@@ -300,11 +321,7 @@ async fn a_429_seen_by_one_replica_pauses_the_other_two() {
     let redis = Redis::start();
     let emu =
         emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
-    let cfg = config(
-        "  presence: { rate: \"30/s\" }",
-        "[presence]",
-        &cluster_block(&redis),
-    );
+    let cfg = config("presence", r#"{ rate: "30/s" }"#, &cluster_block(&redis));
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
     // Replica 0's agents update one user whose path answers 429 (Retry-After 3) for a while;
     // replicas 1 and 2 update others.
@@ -372,8 +389,8 @@ async fn a_token_keeps_its_limit_across_replicas() {
     let emu =
         emulator("token_rate_per_minute: 0\nlatency: { min: \"5ms\", max: \"10ms\" }\n").await;
     let cfg = config(
-        "  per-token: { rate: \"20/s\", per: token }",
-        "[per-token]",
+        "per-token",
+        r#"{ rate: "20/s", per: token }"#,
         &cluster_block(&redis),
     );
     let replicas = start_replicas(&cfg, emu.local_addr()).await;
@@ -415,10 +432,10 @@ async fn sharing_adds_little_latency_and_few_redis_calls() {
     let redis = Redis::start();
     let emu = emulator("token_rate_per_minute: 0\n").await;
     // A budget far above the load: latency is the proxy's own, not the pacing.
-    let budgets = "  presence: { rate: \"1000/s\", burst: 50 }";
-    let off = ProxyProcess::start(&config(budgets, "[presence]", ""), emu.local_addr()).await;
+    let budget = r#"{ rate: "1000/s", burst: 50 }"#;
+    let off = ProxyProcess::start(&config("presence", budget, ""), emu.local_addr()).await;
     let on = ProxyProcess::start(
-        &config(budgets, "[presence]", &cluster_block(&redis)),
+        &config("presence", budget, &cluster_block(&redis)),
         emu.local_addr(),
     )
     .await;

@@ -12,85 +12,79 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::presence::{self, PATH_TEMPLATE};
+use common::wait::{holds_for, poll_until, wait_until, wait_until_async, POLL};
 use common::*;
 use http::Method;
+use shiftgate::harness::ReservedPort;
 use shiftgate::loadtest;
 use shiftgate::loadtest::client::Answer;
 
-const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
-
-/// Every config file of a test is padded to this many bytes before the placeholders are
-/// replaced, so that all of them have the same size once written (see [`write_unwatched`]).
+/// Every config file of a test is padded to this many bytes, so that all of them have the
+/// same size once written (see [`write_unwatched`]).
 const PADDED_LEN: usize = 1536;
 
 /// A config with one global `presence` budget on the presence PATCH route and an unpaced
 /// `default` route. `presence_ref` is the budget the route names (an unknown one makes the file
 /// invalid); `extra` is appended as is (top-level keys).
-fn config(rate: &str, burst: u32, presence_ref: &str, default_path: &str, extra: &str) -> String {
-    let text = format!(
-        r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: {{ url: "http://@EMU@" }}
-budgets:
-  presence: {{ rate: "{rate}", burst: {burst} }}
-routes:
-  - name: presence
-    match: {{ method: PATCH, path: "{PRESENCE_PATH}" }}
-    budgets: [{presence_ref}]
-    max_wait: "60s"
-  - name: default
-    match: {{ path: "{default_path}" }}
-queue:
-  max_depth: 3000
-{extra}
-"#
-    );
-    pad(text)
+fn config(
+    rate: &str,
+    burst: u32,
+    presence_ref: &str,
+    default_path: &str,
+    extra: &str,
+) -> ProxyConfig {
+    ProxyConfig::new()
+        .budget(
+            "presence",
+            &format!(r#"{{ rate: "{rate}", burst: {burst} }}"#),
+        )
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            budgets: [{presence_ref}]
+            max_wait: "60s"
+            "#
+        ))
+        .route(&format!(
+            r#"
+            name: default
+            match: {{ path: "{default_path}" }}
+            "#
+        ))
+        .yaml("queue:\n  max_depth: 3000")
+        .yaml(extra)
+        .padded_to(PADDED_LEN)
 }
 
-/// Pads with a trailing comment to [`PADDED_LEN`] bytes.
-fn pad(mut text: String) -> String {
-    assert!(text.len() + 3 <= PADDED_LEN, "config too long to pad");
-    text.push('#');
-    while text.len() < PADDED_LEN - 1 {
-        text.push(' ');
-    }
-    text.push('\n');
-    text
-}
-
-fn presence(rate: &str) -> String {
+fn presence(rate: &str) -> ProxyConfig {
     config(rate, 1, "presence", "/api/**", "")
 }
 
 /// The same file with the route naming a budget that does not exist.
-fn broken(rate: &str) -> String {
+fn broken(rate: &str) -> ProxyConfig {
     config(rate, 1, "absentee", "/api/**", "")
 }
 
 /// Without the file watcher: only SIGHUP or `POST /-/reload` apply a change.
 const UNWATCHED: &str = "reload:\n  watch_file: false";
 
-fn presence_unwatched(rate: &str) -> String {
+fn presence_unwatched(rate: &str) -> ProxyConfig {
     config(rate, 1, "presence", "/api/**", UNWATCHED)
 }
 
-fn broken_unwatched(rate: &str) -> String {
+fn broken_unwatched(rate: &str) -> ProxyConfig {
     config(rate, 1, "absentee", "/api/**", UNWATCHED)
 }
 
 /// Rewrites the config file in place, same size, and puts its modification time back: the file
 /// watcher (which compares mtime, size, inode) cannot see the change, so only SIGHUP or
 /// `POST /-/reload` can apply it.
-fn write_unwatched(proxy: &ProxyProcess, yaml: &str, upstream: SocketAddr) {
+fn write_unwatched(proxy: &ProxyProcess, config: &ProxyConfig) {
     use std::io::Write;
-    let text = yaml
-        .replace("@LISTEN@", &proxy.addr.to_string())
-        .replace("@ADMIN@", &proxy.admin.to_string())
-        .replace("@EMU@", &upstream.to_string());
-    let before = std::fs::metadata(&proxy.config_path).unwrap();
+    let text = proxy.render(config);
+    let before = std::fs::metadata(proxy.config_path()).unwrap();
     assert_eq!(
         before.len(),
         text.len() as u64,
@@ -98,17 +92,19 @@ fn write_unwatched(proxy: &ProxyProcess, yaml: &str, upstream: SocketAddr) {
     );
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .open(&proxy.config_path)
+        .open(proxy.config_path())
         .unwrap();
     f.write_all(text.as_bytes()).unwrap();
     f.set_modified(before.modified().unwrap()).unwrap();
     drop(f);
-    let after = std::fs::metadata(&proxy.config_path).unwrap();
+    let after = std::fs::metadata(proxy.config_path()).unwrap();
     assert_eq!(after.modified().unwrap(), before.modified().unwrap());
 }
 
 async fn status_json(proxy: &ProxyProcess) -> serde_json::Value {
-    let a = get(proxy.admin, "/status.json").await.expect("status.json");
+    let a = get(proxy.admin(), "/status.json")
+        .await
+        .expect("status.json");
     assert_eq!(a.status, 200);
     json(&a)
 }
@@ -128,18 +124,16 @@ async fn configured_rate(proxy: &ProxyProcess, budget: &str) -> f64 {
 
 /// Polls every 20 ms until `budget` shows `rate`; returns how long that took.
 async fn wait_for_rate(proxy: &ProxyProcess, budget: &str, rate: f64, limit: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        if configured_rate(proxy, budget).await == rate {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < limit,
+    poll_until(limit, || async move {
+        configured_rate(proxy, budget).await == rate
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
             "{budget} did not show {rate}/s within {limit:?}; log:\n{}",
             proxy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        )
+    })
 }
 
 async fn reloads(proxy: &ProxyProcess, result: &str) -> f64 {
@@ -152,15 +146,13 @@ async fn reloads(proxy: &ProxyProcess, result: &str) -> f64 {
 
 /// Polls until the reload counter of `result` reaches `n`.
 async fn wait_for_reloads(proxy: &ProxyProcess, result: &str, n: f64, limit: Duration) {
-    let t = Instant::now();
-    while reloads(proxy, result).await < n {
-        assert!(
-            t.elapsed() < limit,
-            "no {result} reload #{n} within {limit:?}; log:\n{}",
-            proxy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy
+        .wait_for_metric(
+            &format!("shiftgate_config_reloads_total{{result=\"{result}\"}}"),
+            limit,
+            |count| count >= n,
+        )
+        .await;
 }
 
 async fn post_reload(proxy: &ProxyProcess, token: Option<&str>) -> Answer {
@@ -170,7 +162,7 @@ async fn post_reload(proxy: &ProxyProcess, token: Option<&str>) -> Answer {
         .map(|a| vec![("Authorization", a)])
         .unwrap_or_default();
     request(
-        proxy.admin,
+        proxy.admin(),
         Method::POST,
         "/-/reload",
         &headers,
@@ -203,18 +195,12 @@ fn plain_logs(proxy: &ProxyProcess) -> String {
 /// Waits up to 5 s for a log line that `matches` (the log is written after the reload took
 /// effect).
 async fn wait_for_log(proxy: &ProxyProcess, matches: impl Fn(&str) -> bool) {
-    let t = Instant::now();
-    loop {
-        let logs = plain_logs(proxy);
-        if logs.lines().any(&matches) {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "not in the log:\n{logs}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let matches = &matches;
+    let found = poll_until(Duration::from_secs(5), || async move {
+        plain_logs(proxy).lines().any(matches)
+    })
+    .await;
+    assert!(found.is_some(), "not in the log:\n{}", plain_logs(proxy));
 }
 
 fn body_text(a: &Answer) -> String {
@@ -226,12 +212,12 @@ async fn patch(addr: SocketAddr, user: usize) -> Result<Answer, String> {
     request(
         addr,
         Method::PATCH,
-        &format!("/api/v2/users/u{user}/presences/purecloud"),
+        &presence::path(&format!("u{user}")),
         &[
             ("Authorization", "Bearer t"),
             ("Content-Type", "application/json"),
         ],
-        r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#,
+        presence::BODY,
     )
     .await
     .map_err(|e| e.to_string())
@@ -270,16 +256,28 @@ async fn a_renamed_config_changes_the_rate_under_load_and_a_broken_one_changes_n
         None,
     ));
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The rename once the emulator has seen two whole seconds at 20/s after the first.
+    wait_until("two whole seconds at 20/s", Duration::from_secs(20), || {
+        let stats = emu.stats();
+        full_seconds(&stats.timeline, 1.0, stats.elapsed_seconds).len() >= 2
+    })
+    .await;
     let renamed_at = emu.stats().elapsed_seconds;
-    proxy.replace_config(&presence("100/s"), emu.local_addr());
+    proxy.replace_config(&presence("100/s"));
     let latency = wait_for_rate(&proxy, "presence", 100.0, Duration::from_secs(5)).await;
 
-    // A broken file 2.5 s later: refused, counted, the 100/s stays.
-    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(latency)).await;
+    // A broken file once the new rate shows at the emulator for a whole second: refused,
+    // counted, the 100/s stays.
+    wait_until("a whole second at 100/s", Duration::from_secs(20), || {
+        let stats = emu.stats();
+        full_seconds(&stats.timeline, renamed_at + 0.5, stats.elapsed_seconds)
+            .iter()
+            .any(|&(_, n)| n >= 85)
+    })
+    .await;
     let failures = reloads(&proxy, "failure").await;
     let broken_at = emu.stats().elapsed_seconds;
-    proxy.replace_config(&broken("20/s"), emu.local_addr());
+    proxy.replace_config(&broken("20/s"));
     let t = Instant::now();
     wait_for_reloads(&proxy, "failure", failures + 1.0, Duration::from_secs(5)).await;
     let refused_after = t.elapsed();
@@ -360,17 +358,19 @@ async fn a_renamed_config_changes_the_rate_under_load_and_a_broken_one_changes_n
 async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let mut proxy = ProxyProcess::start(&presence_unwatched("2/s"), emu.local_addr()).await;
-    let upstream = emu.local_addr();
     assert_eq!(configured_rate(&proxy, "presence").await, 2.0);
 
     // SIGHUP: the file changed in a way the watcher cannot see; only the signal applies it.
-    write_unwatched(&proxy, &presence_unwatched("90/s"), upstream);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        configured_rate(&proxy, "presence").await,
-        2.0,
-        "the watcher did not see the unwatched rewrite"
-    );
+    write_unwatched(&proxy, &presence_unwatched("90/s"));
+    // That nothing happens is the point here: for 600 ms (two and more looks of a watcher,
+    // every 250 ms, were it on) the rate stays.
+    let p = &proxy;
+    holds_for(
+        "the watcher did not see the unwatched rewrite",
+        Duration::from_millis(600),
+        || async move { configured_rate(p, "presence").await == 2.0 },
+    )
+    .await;
     proxy.signal("HUP");
     wait_for_rate(&proxy, "presence", 90.0, Duration::from_secs(5)).await;
     wait_for_log(&proxy, |l| {
@@ -380,7 +380,7 @@ async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
     // In force, not only shown: 10 requests at once pass in well under the 4.5 s 2/s needs.
     let t = Instant::now();
     let burst: Vec<_> = (0..10)
-        .map(|i| tokio::spawn(patch(proxy.addr, i)))
+        .map(|i| tokio::spawn(patch(proxy.addr(), i)))
         .collect();
     for h in burst {
         assert_eq!(h.await.unwrap().unwrap().status, 200);
@@ -389,7 +389,7 @@ async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
 
     // SIGHUP with a broken file: refused, counted, logged with its error, 90/s stays.
     let failures = reloads(&proxy, "failure").await;
-    write_unwatched(&proxy, &broken_unwatched("2/s"), upstream);
+    write_unwatched(&proxy, &broken_unwatched("2/s"));
     proxy.signal("HUP");
     wait_for_reloads(&proxy, "failure", failures + 1.0, Duration::from_secs(5)).await;
     assert_eq!(configured_rate(&proxy, "presence").await, 90.0);
@@ -399,7 +399,7 @@ async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
     .await;
 
     // POST /-/reload: the same, answered synchronously.
-    write_unwatched(&proxy, &presence_unwatched("5/s"), upstream);
+    write_unwatched(&proxy, &presence_unwatched("5/s"));
     let a = post_reload(&proxy, None).await;
     assert_eq!(a.status, 200, "{}", body_text(&a));
     assert!(body_text(&a).starts_with("reloaded: "), "{}", body_text(&a));
@@ -412,7 +412,7 @@ async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
     );
 
     let failures = reloads(&proxy, "failure").await;
-    write_unwatched(&proxy, &broken_unwatched("90/s"), upstream);
+    write_unwatched(&proxy, &broken_unwatched("90/s"));
     let a = post_reload(&proxy, None).await;
     let body = body_text(&a);
     assert_eq!(a.status, 400, "{body}");
@@ -427,7 +427,7 @@ async fn sighup_and_post_reload_apply_a_new_rate_and_refuse_a_broken_file() {
     assert_eq!(s["last_reload_ok"], false);
 
     // Still serving, at the old config's rate.
-    assert_eq!(patch(proxy.addr, 1).await.unwrap().status, 200);
+    assert_eq!(patch(proxy.addr(), 1).await.unwrap().status, 200);
     assert_eq!(proxy.wait_exit(Duration::ZERO), None, "still running");
 }
 
@@ -461,7 +461,7 @@ async fn post_reload_needs_the_admin_token_when_one_is_configured() {
     }
     // A token sent some other way than as a bearer does not count either.
     let a = request(
-        proxy.admin,
+        proxy.admin(),
         Method::POST,
         "/-/reload",
         &[("Authorization", "s3cret")],
@@ -478,9 +478,9 @@ async fn post_reload_needs_the_admin_token_when_one_is_configured() {
     assert_eq!(reloads(&proxy, "success").await, successes);
     assert_eq!(reloads(&proxy, "failure").await, failures);
 
-    write_unwatched(&proxy, &token_cfg("7/s"), upstream);
-    // (Should the watcher have caught the rewrite, it would count here, not below.)
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The watcher is off (`watch_file: false`) and cannot see this rewrite anyway: only the
+    // POST below can reload.
+    write_unwatched(&proxy, &token_cfg("7/s"));
     let before_post = reloads(&proxy, "success").await;
     let a = post_reload(&proxy, Some("s3cret")).await;
     assert_eq!(a.status, 200, "{}", body_text(&a));
@@ -503,7 +503,7 @@ async fn an_unchanged_budget_keeps_its_state_across_a_reload_and_nothing_is_sent
     let t0 = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for i in 0..6 {
-        let addr = proxy.addr;
+        let addr = proxy.addr();
         let tx = tx.clone();
         tokio::spawn(async move {
             let a = patch(addr, i).await;
@@ -517,10 +517,7 @@ async fn an_unchanged_budget_keeps_its_state_across_a_reload_and_nothing_is_sent
     for _ in 0..2 {
         answers.push(rx.recv().await.unwrap());
     }
-    proxy.replace_config(
-        &config("2/s", 1, "presence", "/api/v2/**", "workers: 2"),
-        upstream,
-    );
+    proxy.replace_config(&config("2/s", 1, "presence", "/api/v2/**", "workers: 2"));
     let a = post_reload(&proxy, None).await;
     let reloaded_at = t0.elapsed();
     assert_eq!(a.status, 200, "{}", body_text(&a));
@@ -554,12 +551,15 @@ async fn an_unchanged_budget_keeps_its_state_across_a_reload_and_nothing_is_sent
     }
 
     // Keys that need a restart are reported; the rest (the new rate) still applies.
-    let other_listen = format!("127.0.0.1:{}", free_port());
-    let other_admin = format!("127.0.0.1:{}", free_port());
-    let restart_cfg = config("4/s", 1, "presence", "/api/v2/**", "workers: 3")
-        .replace("@LISTEN@", &other_listen)
-        .replace("@ADMIN@", &other_admin);
-    proxy.replace_config(&restart_cfg, upstream);
+    // Addresses nothing listens on (reservations never listen).
+    let other_listen = ReservedPort::loopback().unwrap();
+    let other_admin = ReservedPort::loopback().unwrap();
+    let restart_cfg = config("4/s", 1, "presence", "/api/v2/**", "workers: 3").render(
+        other_listen.addr(),
+        other_admin.addr(),
+        upstream,
+    );
+    proxy.replace_config_text(&restart_cfg);
     let a = post_reload(&proxy, None).await;
     let body = body_text(&a);
     assert_eq!(a.status, 200, "{body}");
@@ -568,13 +568,15 @@ async fn an_unchanged_budget_keeps_its_state_across_a_reload_and_nothing_is_sent
         "{body}"
     );
     assert!(
-        body.contains(&format!("listening on {}", proxy.addr)),
+        body.contains(&format!("listening on {}", proxy.addr())),
         "{body}"
     );
     assert_eq!(configured_rate(&proxy, "presence").await, 4.0);
-    assert_eq!(patch(proxy.addr, 9).await.unwrap().status, 200);
+    assert_eq!(patch(proxy.addr(), 9).await.unwrap().status, 200);
     assert!(
-        tokio::net::TcpStream::connect(&other_listen).await.is_err(),
+        tokio::net::TcpStream::connect(other_listen.addr())
+            .await
+            .is_err(),
         "the new listen address is not served before a restart"
     );
 
@@ -603,7 +605,7 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
     let t0 = Instant::now();
     let mut handles = Vec::new();
     for i in 0..n {
-        let addr = proxy.addr;
+        let addr = proxy.addr();
         handles.push(tokio::spawn(async move {
             let a = patch(addr, i).await;
             (t0.elapsed(), a)
@@ -622,7 +624,7 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
 
     proxy.signal("TERM");
     let signalled = t0.elapsed();
-    let r = get(proxy.admin, "/readyz").await.expect("readyz answers");
+    let r = get(proxy.admin(), "/readyz").await.expect("readyz answers");
     let readyz_after = t0.elapsed() - signalled;
     let readyz_status = r.status.as_u16();
     // Poll a little longer: it must not come back.
@@ -630,18 +632,24 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
     if !readyz_503 {
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            if get(proxy.admin, "/readyz").await.unwrap().status == 503 {
+            if get(proxy.admin(), "/readyz").await.unwrap().status == 503 {
                 readyz_503 = true;
                 break;
             }
         }
     }
 
-    // New requests during the drain are refused at once.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // New requests during the drain (it has begun once /readyz says 503) are refused at once.
+    let admin = proxy.admin();
+    wait_until_async(
+        "/readyz answers 503",
+        Duration::from_secs(5),
+        || async move { get(admin, "/readyz").await.is_ok_and(|a| a.status == 503) },
+    )
+    .await;
     for i in 0..3 {
         let t = Instant::now();
-        let a = patch(proxy.addr, 1000 + i).await.expect("an answer");
+        let a = patch(proxy.addr(), 1000 + i).await.expect("an answer");
         let took = t.elapsed();
         assert_own_answer(&a, 503, "shiftgate.shutting.down");
         assert!(header(&a, "Retry-After").unwrap().parse::<u64>().unwrap() >= 1);
@@ -738,24 +746,41 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
         None,
     ));
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // The new process first: it listens on the upgrade socket for the old one's fds.
-    let new = proxy.spawn(true, &[]);
-    // Meanwhile the admin port keeps answering at once (the new process is still waiting
-    // for the sockets and must not hold admin connections it cannot serve yet).
+    // 2 s into the run (200 requests at 100/s), the new process first: it listens on the
+    // upgrade socket for the old one's fds.
+    wait_until(
+        "200 requests through the old process",
+        Duration::from_secs(20),
+        || emu.stats().total_requests >= 200,
+    )
+    .await;
+    let new = proxy.spawn_upgrade();
+    // Meanwhile the admin port keeps answering at once: while the new process starts, and for
+    // 1 s once it waits for the sockets (its upgrade socket is there), when it must not hold
+    // admin connections it cannot serve yet. That nothing goes unanswered is the point.
+    let upgrade_sock = proxy.upgrade_sock();
+    let spawned = Instant::now();
+    let mut waiting_since: Option<Instant> = None;
     let mut slowest_admin = Duration::ZERO;
-    let overlap = Instant::now();
-    while overlap.elapsed() < Duration::from_secs(1) {
+    while waiting_since.is_none_or(|t| t.elapsed() < Duration::from_secs(1)) {
         let t = Instant::now();
-        let a = tokio::time::timeout(Duration::from_secs(5), get(proxy.admin, "/healthz")).await;
+        let a = tokio::time::timeout(Duration::from_secs(5), get(proxy.admin(), "/healthz")).await;
         assert!(matches!(a, Ok(Ok(ref a)) if a.status == 200), "{a:?}");
         slowest_admin = slowest_admin.max(t.elapsed());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if waiting_since.is_none() && upgrade_sock.exists() {
+            waiting_since = Some(Instant::now());
+        }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(20),
+            "the new process opened no upgrade socket; log:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(POLL).await;
     }
     proxy.signal("QUIT");
     let quit_at = t0.elapsed();
 
-    let old = proxy.child.replace(new).expect("old process");
+    let old = proxy.replace_child(new).expect("old process");
     let mut old = OldProcess(Some(old));
     let old_exit = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -804,8 +829,8 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
         "the old process left while the load ran"
     );
     // The new one serves afterwards, on the same ports.
-    assert_eq!(patch(proxy.addr, 1).await.unwrap().status, 200);
-    assert_eq!(get(proxy.admin, "/readyz").await.unwrap().status, 200);
+    assert_eq!(patch(proxy.addr(), 1).await.unwrap().status, 200);
+    assert_eq!(get(proxy.admin(), "/readyz").await.unwrap().status, 200);
     assert_eq!(
         proxy.wait_exit(Duration::ZERO),
         None,

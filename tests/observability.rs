@@ -9,20 +9,21 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::html::{elements, Element};
+use common::presence::{self, PATH_TEMPLATE};
+use common::prom::{
+    metric_value, parse_exposition, promtool_check_metrics, split_comparison, sum, Prometheus,
+};
 use common::*;
 use http::Method;
 use shiftgate::emulator::{Fault, FaultKind};
 use shiftgate::loadtest::client::AgentConnection;
 use shiftgate::loadtest::{user_id, Target};
 use shiftgate::metrics::{CONTRACT_METRICS, REJECTION_REASONS};
-
-const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
-const PRESENCE_BODY: &str =
-    r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
 
 /// Metrics exported only with `cluster` configured (a 0 there would page ops for a store nobody
 /// runs, see `Metrics::cluster_redis_up`); this test configures no `cluster`, so they are absent. For
@@ -37,35 +38,30 @@ const BUDGETS: &[&str] = &["presence", "per-token"];
 
 /// A proxy in front of the emulator: `presence` paced by a global and a per-token budget,
 /// `default` paced per token, `oauth` unpaced.
-fn config(presence_rate: &str, presence_max_wait: &str) -> String {
-    format!(
-        r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-admin_token_env: SHIFTGATE_ADMIN_TOKEN
-upstreams:
-  api: {{ url: "http://@EMU@" }}
-  login: {{ url: "http://@EMU@" }}
-budgets:
-  presence: {{ rate: "{presence_rate}" }}
-  per-token: {{ rate: "10/s", per: token }}
-routes:
-  - name: oauth
-    match: {{ path: "/oauth/**" }}
-    upstream: login
-  - name: presence
-    match: {{ method: PATCH, path: "{PRESENCE_PATH}" }}
-    upstream: api
-    budgets: [presence, per-token]
-    max_wait: "{presence_max_wait}"
-  - name: default
-    match: {{ path: "/api/**" }}
-    upstream: api
-    budgets: [per-token]
-retry:
-  backoff_base: "100ms"
-"#
-    )
+fn config(presence_rate: &str, presence_max_wait: &str) -> ProxyConfig {
+    ProxyConfig::new()
+        .upstream("login")
+        .budget("presence", &format!(r#"{{ rate: "{presence_rate}" }}"#))
+        .budget("per-token", r#"{ rate: "10/s", per: token }"#)
+        .route(r#"{ name: oauth, match: { path: "/oauth/**" }, upstream: login }"#)
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            upstream: api
+            budgets: [presence, per-token]
+            max_wait: "{presence_max_wait}"
+            "#
+        ))
+        .route(
+            r#"
+            name: default
+            match: { path: "/api/**" }
+            upstream: api
+            budgets: [per-token]
+            "#,
+        )
+        .yaml("admin_token_env: SHIFTGATE_ADMIN_TOKEN\nretry:\n  backoff_base: \"100ms\"")
 }
 
 /// Genesys's 429 on every presence PATCH, `Retry-After: 1`, from `start` for `duration`.
@@ -73,7 +69,7 @@ fn presence_outage(start: Duration, duration: Duration) -> Fault {
     Fault::new(FaultKind::Outage429 {
         retry_after: Some(1),
     })
-    .on_path(shiftgate::emulator::PathTemplate::parse(PRESENCE_PATH).unwrap())
+    .on_path(shiftgate::emulator::PathTemplate::parse(PATH_TEMPLATE).unwrap())
     .starting_after(start)
     .lasting(duration)
 }
@@ -91,12 +87,12 @@ async fn patch_presence_answer(
     match send(
         conn,
         Method::PATCH,
-        &format!("/api/v2/users/{user}/presences/purecloud"),
+        &presence::path(user),
         &[
             ("Authorization", token),
             ("Content-Type", "application/json"),
         ],
-        PRESENCE_BODY,
+        presence::BODY,
     )
     .await
     {
@@ -133,122 +129,6 @@ fn unix_now() -> f64 {
 }
 
 // ------------------------------------------------------------------------------------------
-// The Prometheus text format, parsed
-// ------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-/// `# TYPE` lines (family -> type) and every sample of an exposition.
-fn parse_exposition(text: &str) -> (BTreeMap<String, String>, Vec<Sample>) {
-    let mut types = BTreeMap::new();
-    let mut samples = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE line has a type");
-            types.insert(name.to_string(), kind.to_string());
-            continue;
-        }
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).expect("sample has a value");
-        let name = line[..name_end].to_string();
-        let mut labels = Vec::new();
-        let mut rest = &line[name_end..];
-        if let Some(body) = rest.strip_prefix('{') {
-            let mut chars = body.char_indices();
-            let mut key = String::new();
-            loop {
-                let (i, c) = chars.next().expect("label set is closed");
-                match c {
-                    '}' => {
-                        rest = &body[i + 1..];
-                        break;
-                    }
-                    ',' => {}
-                    '=' => {
-                        assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
-                        let mut value = String::new();
-                        loop {
-                            match chars.next().expect("label value is closed").1 {
-                                '"' => break,
-                                '\\' => match chars.next().expect("escape").1 {
-                                    'n' => value.push('\n'),
-                                    other => value.push(other),
-                                },
-                                other => value.push(other),
-                            }
-                        }
-                        labels.push((std::mem::take(&mut key), value));
-                    }
-                    other => key.push(other),
-                }
-            }
-        }
-        let value = rest.trim().split(' ').next().unwrap();
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
-        };
-        samples.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    (types, samples)
-}
-
-/// The sum of the samples named `name` whose labels include every pair of `with`.
-fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            with.iter()
-                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|s| s.value)
-        .sum()
-}
-
-/// Runs `promtool check metrics` on `text`: it must pass with no lint finding at all.
-fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be on PATH (Debian package `prometheus`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{said}\non:\n{text}"
-    );
-    // promtool exits 0 on lint findings too; there must be none.
-    assert!(said.trim().is_empty(), "promtool lint findings:\n{said}");
-}
-
-// ------------------------------------------------------------------------------------------
 // 1. A live scrape after throttling and retries
 // ------------------------------------------------------------------------------------------
 
@@ -271,7 +151,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     ));
     let mut agents = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        let (addr, user, token) = (proxy.addr, user.clone(), tokens[i % 4].clone());
+        let (addr, user, token) = (proxy.addr(), user.clone(), tokens[i % 4].clone());
         agents.push(tokio::spawn(async move {
             let mut conn = connection(addr);
             let mut statuses = Vec::new();
@@ -287,7 +167,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     }
     // Paths with user ids on the other routes, and one that matches no route.
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::GET,
         &format!("/api/v2/users/{}/routingstatus", users[0]),
         &[("Authorization", &tokens[0])],
@@ -297,7 +177,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     .unwrap();
     assert_eq!(a.status, 200);
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::GET,
         &format!("/nowhere/{}", users[1]),
         &[("Authorization", &tokens[1])],
@@ -530,120 +410,6 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
 // 3. Every dashboard and alert expression, evaluated by a real Prometheus
 // ------------------------------------------------------------------------------------------
 
-/// A Prometheus on a loopback port, killed on drop (a failed assertion included).
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    /// Starts Prometheus scraping `target` (job `shiftgate`) every second with the shipped
-    /// alert rules, and waits until it is ready.
-    async fn start(target: SocketAddr) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = format!(
-            r#"global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
-rule_files:
-  - "{rules}"
-scrape_configs:
-  - job_name: shiftgate
-    metrics_path: /metrics
-    static_configs:
-      - targets: ["{target}"]
-"#,
-            rules = repo_path("deploy/prometheus/alerts.yml").display()
-        );
-        let config_path = dir.path().join("prometheus.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("prometheus must be on PATH (Debian package `prometheus`)");
-        let p = Prometheus { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if get(p.addr, "/-/ready").await.is_ok_and(|a| a.status == 200) {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus did not become ready:\n{}",
-                p.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    async fn api(&self, path_and_query: &str) -> serde_json::Value {
-        let a = get(self.addr, path_and_query)
-            .await
-            .expect("prometheus answers");
-        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_else(|e| {
-            panic!(
-                "{path_and_query}: not JSON ({e}): {}",
-                String::from_utf8_lossy(&a.body)
-            )
-        });
-        v
-    }
-
-    /// An instant query at `time`: `Ok(result vector)` or `Err(what Prometheus said)`.
-    async fn query(&self, expr: &str, time: f64) -> Result<Vec<serde_json::Value>, String> {
-        let v = self
-            .api(&format!(
-                "/api/v1/query?query={}&time={time:.3}",
-                url_encode(expr)
-            ))
-            .await;
-        if v["status"] != "success" {
-            return Err(format!("{}: {}", v["errorType"], v["error"]));
-        }
-        if let Some(w) = v.get("warnings") {
-            return Err(format!("warnings: {w}"));
-        }
-        match v["data"]["resultType"].as_str() {
-            Some("vector") => Ok(v["data"]["result"].as_array().cloned().unwrap_or_default()),
-            Some("scalar") => Ok(vec![v["data"]["result"].clone()]),
-            other => Err(format!("unexpected result type {other:?}")),
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Runs one of the deploy scripts that print an expression per line as JSON.
 fn script_lines(script: &str) -> Vec<serde_json::Value> {
     let out = Command::new("python3")
@@ -662,43 +428,6 @@ fn script_lines(script: &str) -> Vec<serde_json::Value> {
         .collect();
     assert!(!lines.is_empty(), "{script} printed no expression");
     lines
-}
-
-/// Splits an alert expression at its top-level comparison: `(left side, operator, right side)`.
-/// Comparisons inside parentheses, brackets, label matchers or strings are not top level.
-fn split_comparison(expr: &str) -> Option<(&str, &str, &str)> {
-    let b = expr.as_bytes();
-    let mut depth = 0i32;
-    let mut quote: Option<u8> = None;
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        if let Some(q) = quote {
-            if c == b'\\' {
-                i += 1;
-            } else if c == q {
-                quote = None;
-            }
-        } else {
-            match c {
-                b'"' | b'\'' | b'`' => quote = Some(c),
-                b'(' | b'[' | b'{' => depth += 1,
-                b')' | b']' | b'}' => depth -= 1,
-                _ if depth == 0 => {
-                    for op in ["==", "!=", ">=", "<=", ">", "<"] {
-                        if expr[i..].starts_with(op) {
-                            let lhs = expr[..i].trim();
-                            let rhs = expr[i + op.len()..].trim();
-                            return Some((lhs, op, rhs));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
 }
 
 /// Sends presence PATCHes on `agents` connections (one request at a time each) until `until`;
@@ -745,7 +474,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_on_a_loaded_p
     // presence: 20/s, at most 2 s of wait; 30 agents keep about 30 requests queued, so some
     // wait and, while Genesys throttles, some are refused with queue_wait (client 429s).
     let proxy = ProxyProcess::start(&config("20/s", "2s"), emu.local_addr()).await;
-    let prom = Prometheus::start(proxy.admin).await;
+    let prom = Prometheus::start(proxy.admin()).await;
     println!("prometheus ready after {:?}", t0.elapsed());
 
     // 20 s of load with three short Genesys outages, the last near the end, so the budget's
@@ -758,7 +487,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_on_a_loaded_p
             Duration::from_millis(len),
         ));
     }
-    let by_status = load_until(proxy.addr, 30, &tokens(6), Instant::now() + load).await;
+    let by_status = load_until(proxy.addr(), 30, &tokens(6), Instant::now() + load).await;
     println!("load done after {:?}: {by_status:?}", t0.elapsed());
     assert!(
         by_status.get(&200).is_some_and(|&n| n > 100),
@@ -766,7 +495,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_on_a_loaded_p
     );
 
     // Preconditions of the setup (not of the dashboard): the budget backs off right now.
-    let status = json(&get(proxy.admin, "/status.json").await.unwrap());
+    let status = json(&get(proxy.admin(), "/status.json").await.unwrap());
     let presence = status["budgets"]
         .as_array()
         .unwrap()
@@ -957,85 +686,6 @@ async fn chromium(args: &[String]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// One element of a serialised DOM: its attributes and its inner HTML.
-#[derive(Debug)]
-struct Element<'a> {
-    attrs: Vec<(String, String)>,
-    inner: &'a str,
-}
-
-impl Element<'_> {
-    fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn has_class(&self, class: &str) -> bool {
-        self.attr("class")
-            .is_some_and(|c| c.split_whitespace().any(|x| x == class))
-    }
-
-    /// The text content: inner HTML without tags, entities left as they are.
-    fn text(&self) -> String {
-        let mut out = String::new();
-        let mut in_tag = false;
-        for c in self.inner.chars() {
-            match c {
-                '<' => in_tag = true,
-                '>' => in_tag = false,
-                c if !in_tag => out.push(c),
-                _ => {}
-            }
-        }
-        out.trim().to_string()
-    }
-}
-
-/// Every `<tag ...>...</tag>` of `html` (not nested in one another: rows, cells).
-fn elements<'a>(html: &'a str, tag: &str) -> Vec<Element<'a>> {
-    let open = format!("<{tag}");
-    let close = format!("</{tag}>");
-    let mut out = Vec::new();
-    let mut rest = html;
-    while let Some(start) = rest.find(&open) {
-        let after = &rest[start + open.len()..];
-        if !after.starts_with([' ', '>']) {
-            rest = after;
-            continue;
-        }
-        let tag_end = after.find('>').expect("start tag closed");
-        let attrs = parse_attributes(&after[..tag_end]);
-        let body = &after[tag_end + 1..];
-        let end = body.find(&close).expect("element closed");
-        out.push(Element {
-            attrs,
-            inner: &body[..end],
-        });
-        rest = &body[end + close.len()..];
-    }
-    out
-}
-
-fn parse_attributes(s: &str) -> Vec<(String, String)> {
-    let mut attrs = Vec::new();
-    let mut rest = s.trim();
-    while !rest.is_empty() {
-        let name_end = rest.find(['=', ' ']).unwrap_or(rest.len());
-        let name = rest[..name_end].to_string();
-        rest = rest[name_end..].trim_start();
-        if let Some(v) = rest.strip_prefix("=\"") {
-            let end = v.find('"').expect("attribute value closed");
-            attrs.push((name, v[..end].to_string()));
-            rest = v[end + 1..].trim_start();
-        } else {
-            attrs.push((name, String::new()));
-        }
-    }
-    attrs
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_in_a_real_browser_shows_routes_waiting_requests_and_rates() {
     let t0 = Instant::now();
@@ -1047,7 +697,7 @@ async fn the_status_page_in_a_real_browser_shows_routes_waiting_requests_and_rat
     let tokens = tokens(30);
     let mut waiting = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
-        let (addr, token) = (proxy.addr, token.clone());
+        let (addr, token) = (proxy.addr(), token.clone());
         waiting.push(tokio::spawn(async move {
             let mut conn = connection(addr);
             loop {
@@ -1057,7 +707,7 @@ async fn the_status_page_in_a_real_browser_shows_routes_waiting_requests_and_rat
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = json(&get(proxy.admin, "/status.json").await.unwrap());
+        let s = json(&get(proxy.admin(), "/status.json").await.unwrap());
         if s["queue_depth"].as_u64().unwrap() >= 25 {
             break;
         }
@@ -1065,7 +715,7 @@ async fn the_status_page_in_a_real_browser_shows_routes_waiting_requests_and_rat
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let url = format!("http://{}/status", proxy.admin);
+    let url = format!("http://{}/status", proxy.admin());
     let browser = Instant::now();
     let dom = chromium(&["--dump-dom".into(), url.clone()]).await;
     println!("chromium --dump-dom took {:?}", browser.elapsed());
@@ -1179,7 +829,7 @@ async fn admin_endpoints_answer_and_no_token_shows_in_pages_metrics_or_log() {
         ],
     )
     .await;
-    let admin = proxy.admin;
+    let admin = proxy.admin();
 
     // Liveness and readiness.
     for (path, body) in [("/healthz", "ok\n"), ("/readyz", "ready\n")] {
@@ -1207,7 +857,7 @@ async fn admin_endpoints_answer_and_no_token_shows_in_pages_metrics_or_log() {
     let token = tokens(1).remove(0);
     let user = user_id(7);
     emu.add_fault(presence_outage(Duration::ZERO, Duration::from_millis(500)));
-    let mut conn = connection(proxy.addr);
+    let mut conn = connection(proxy.addr());
     assert_eq!(patch_presence(&mut conn, &user, &token).await, 200);
     for (path, status) in [
         (format!("/api/v2/users/{user}/routingstatus"), 200),
@@ -1215,7 +865,7 @@ async fn admin_endpoints_answer_and_no_token_shows_in_pages_metrics_or_log() {
         (format!("/elsewhere/{user}"), 404),
     ] {
         let a = request(
-            proxy.addr,
+            proxy.addr(),
             Method::GET,
             &path,
             &[("Authorization", &token)],
@@ -1311,23 +961,19 @@ async fn an_untouched_budget_reads_exactly_its_configured_rate() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     // Rates where rate × 0.997 / 0.997 is not rate in floating point, among plain ones.
     let rates = ["100/min", "25/min", "895/s", "375/h", "10/s", "300/min"];
-    let mut budgets = String::new();
-    let mut routes = String::new();
+    let mut cfg = ProxyConfig::new();
     for (i, rate) in rates.iter().enumerate() {
-        budgets.push_str(&format!("  b{i}: {{ rate: \"{rate}\" }}\n"));
-        routes.push_str(&format!(
-            "  - {{ name: r{i}, match: {{ path: \"/api/v2/r{i}/**\" }}, budgets: [b{i}] }}\n"
-        ));
+        cfg = cfg
+            .budget(&format!("b{i}"), &format!(r#"{{ rate: "{rate}" }}"#))
+            .route(&format!(
+                r#"{{ name: r{i}, match: {{ path: "/api/v2/r{i}/**" }}, budgets: [b{i}] }}"#
+            ));
     }
-    let cfg = format!(
-        "listen: \"@LISTEN@\"\nadmin_listen: \"@ADMIN@\"\nupstreams:\n  api: {{ url: \"http://@EMU@\" }}\n\
-         budgets:\n{budgets}routes:\n{routes}"
-    );
     let proxy = ProxyProcess::start(&cfg, emu.local_addr()).await;
     // One request per budget, so each holds a bucket (the emulator's 404 is fine).
     for i in 0..rates.len() {
         let a = request(
-            proxy.addr,
+            proxy.addr(),
             Method::GET,
             &format!("/api/v2/r{i}/x"),
             &[("Authorization", "Bearer t")],
@@ -1341,9 +987,10 @@ async fn an_untouched_budget_reads_exactly_its_configured_rate() {
             "sent upstream"
         );
     }
-    let status = json(&get(proxy.admin, "/status.json").await.unwrap());
+    let status = json(&get(proxy.admin(), "/status.json").await.unwrap());
     let metrics = proxy.metrics().await;
-    let page = String::from_utf8(get(proxy.admin, "/status").await.unwrap().body.to_vec()).unwrap();
+    let page =
+        String::from_utf8(get(proxy.admin(), "/status").await.unwrap().body.to_vec()).unwrap();
     let mut wrong = Vec::new();
     for (i, b) in status["budgets"].as_array().unwrap().iter().enumerate() {
         let (configured, in_force) = (b["configured_rate"].as_f64(), b["rate_in_force"].as_f64());

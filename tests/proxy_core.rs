@@ -8,44 +8,67 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::presence::{self, BULK_PATH, DEFINITIONS_PATH, DEFINITION_ID, PATH_TEMPLATE};
+use common::wait::wait_until_async;
 use common::*;
 use http::Method;
+use shiftgate::harness::EmulatorRuntime;
+use shiftgate::harness::ReservedPort;
 use shiftgate::loadtest;
 
-const PRESENCE_PATH: &str = "/api/v2/users/{userId}/presences/{sourceId}";
+/// The SDK gateway's login prefix and OAuth on `login`, presence updates on a `presence` budget
+/// of `budget` waiting at most `max_wait`, the rest of the API unpaced; the queue holds 3000.
+fn presence_config(budget: &str, max_wait: &str) -> ProxyConfig {
+    presence_config_with_depth(budget, max_wait, 3000)
+}
 
-fn presence_config(budget: &str, max_wait: &str) -> String {
-    format!(
-        r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: {{ url: "http://@EMU@" }}
-  login: {{ url: "http://@EMU@" }}
-budgets:
-  presence: {{ rate: "{budget}" }}
-routes:
-  - name: sdk-gateway-login
-    match: {{ path: "/login/**" }}
-    strip_prefix: "/login"
-    upstream: login
-  - name: oauth
-    match: {{ path: "/oauth/**" }}
-    upstream: login
-  - name: presence
-    match: {{ method: PATCH, path: "{PRESENCE_PATH}" }}
-    upstream: api
-    budgets: [presence]
-    max_wait: "{max_wait}"
-  - name: default
-    match: {{ path: "/api/**" }}
-    upstream: api
-queue:
-  max_depth: 3000
-retry:
-  backoff_base: "100ms"
-"#
+fn presence_config_with_depth(budget: &str, max_wait: &str, max_depth: usize) -> ProxyConfig {
+    ProxyConfig::new()
+        .upstream("login")
+        .budget("presence", &format!(r#"{{ rate: "{budget}" }}"#))
+        .route(
+            r#"
+            name: sdk-gateway-login
+            match: { path: "/login/**" }
+            strip_prefix: "/login"
+            upstream: login
+            "#,
+        )
+        .route(r#"{ name: oauth, match: { path: "/oauth/**" }, upstream: login }"#)
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            upstream: api
+            budgets: [presence]
+            max_wait: "{max_wait}"
+            "#
+        ))
+        .route(r#"{ name: default, match: { path: "/api/**" }, upstream: api }"#)
+        .yaml(&format!(
+            "queue:\n  max_depth: {max_depth}\nretry:\n  backoff_base: \"100ms\""
+        ))
+}
+
+/// Presence updates the proxy has taken in so far: waiting in its queue, refused, or sent on
+/// to the emulator (the only requests the emulator sees in these tests).
+async fn taken_in(proxy: &ProxyProcess, emu: &EmulatorRuntime) -> f64 {
+    let (_, samples) = prom::parse_exposition(&proxy.metrics().await);
+    let route = [("route", "presence")];
+    prom::sum(&samples, "shiftgate_queue_depth", &route)
+        + prom::sum(&samples, "shiftgate_rejections_total", &route)
+        + emu.stats().total_requests as f64
+}
+
+/// Waits until the proxy has taken in `n` presence updates, so that the next one arrives after
+/// them.
+async fn wait_taken_in(proxy: &ProxyProcess, emu: &EmulatorRuntime, n: usize) {
+    wait_until_async(
+        &format!("{n} presence updates taken in"),
+        Duration::from_secs(5),
+        || async move { taken_in(proxy, emu).await >= n as f64 },
     )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +76,7 @@ async fn a_shift_change_burst_is_smoothed_into_the_budget_without_client_429s() 
     // The emulator limits presence PATCHes to 100/s (1 s windows), like a route limit; the
     // proxy's presence budget is the same 100/s. 500 agents send 4 updates each, all at once,
     // each on its own connection.
-    let emu = emulator(&presence_limited("100/s", "20ms", "40ms")).await;
+    let emu = emulator(&presence::limited_emulator("100/s", "20ms", "40ms")).await;
     let proxy = ProxyProcess::start(&presence_config("100/s", "60s"), emu.local_addr()).await;
     // A proxy in service has warm upstream connections. A cold one opens its first few while
     // the burst starts, and a window-opening request that is late by a TCP handshake lets the
@@ -104,9 +127,9 @@ async fn a_shift_change_burst_is_smoothed_into_the_budget_without_client_429s() 
 async fn warm_up(proxy: &ProxyProcess, n: usize) {
     let mut h = Vec::new();
     for _ in 0..n {
-        let addr = proxy.addr;
+        let addr = proxy.addr();
         h.push(tokio::spawn(async move {
-            get_with_token(addr, "/api/v2/presence/definitions").await
+            get_with_token(addr, DEFINITIONS_PATH).await
         }));
     }
     for x in h {
@@ -131,19 +154,10 @@ async fn get_with_token(addr: std::net::SocketAddr, path: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_token_budgets_keep_each_token_to_its_rate_while_tokens_proceed_in_parallel() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
-    let cfg = r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: { url: "http://@EMU@" }
-budgets:
-  per-token: { rate: "10/s", per: token }
-routes:
-  - name: default
-    match: { path: "/**" }
-    budgets: [per-token]
-"#;
-    let proxy = ProxyProcess::start(cfg, emu.local_addr()).await;
+    let cfg = ProxyConfig::new()
+        .budget("per-token", r#"{ rate: "10/s", per: token }"#)
+        .route(r#"{ name: default, match: { path: "/**" }, budgets: [per-token] }"#);
+    let proxy = ProxyProcess::start(&cfg, emu.local_addr()).await;
     // 3 tokens, 40 requests each: alone, each token needs ~3.9 s at 10/s; one after another
     // they would need ~12 s.
     let started = Instant::now();
@@ -183,30 +197,27 @@ routes:
 async fn a_request_that_cannot_start_within_max_wait_is_answered_at_once_with_retry_after() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let proxy = ProxyProcess::start(&presence_config("1/s", "2s"), emu.local_addr()).await;
-    let path = "/api/v2/users/u1/presences/purecloud";
-    let body =
-        r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
     let mut handles = Vec::new();
-    for _ in 0..8 {
-        let addr = proxy.addr;
+    for i in 0..8 {
+        let addr = proxy.addr();
         handles.push(tokio::spawn(async move {
             let t = Instant::now();
             let a = request(
                 addr,
                 Method::PATCH,
-                path,
+                &presence::path("u1"),
                 &[
                     ("Authorization", "Bearer t"),
                     ("Content-Type", "application/json"),
                 ],
-                body,
+                presence::BODY,
             )
             .await
             .unwrap();
             (a, t.elapsed())
         }));
-        // arrive in a known order
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // arrive in a known order: each once the one before is sent, waiting or refused
+        wait_taken_in(&proxy, &emu, i + 1).await;
     }
     let mut ok = 0;
     let mut rejected = 0;
@@ -241,24 +252,23 @@ async fn a_request_that_cannot_start_within_max_wait_is_answered_at_once_with_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_depth_requests_are_refused_with_queue_full() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
-    let cfg = presence_config("1/s", "60s").replace("max_depth: 3000", "max_depth: 2");
+    let cfg = presence_config_with_depth("1/s", "60s", 2);
     let proxy = ProxyProcess::start(&cfg, emu.local_addr()).await;
-    let path = "/api/v2/users/u1/presences/purecloud";
     let mut handles = Vec::new();
-    for _ in 0..5 {
-        let addr = proxy.addr;
+    for i in 0..5 {
+        let addr = proxy.addr();
         handles.push(tokio::spawn(async move {
             request(
                 addr,
                 Method::PATCH,
-                path,
+                &presence::path("u1"),
                 &[("Authorization", "Bearer t")],
-                r#"{"primary":true}"#,
+                presence::PRIMARY_ONLY,
             )
             .await
             .unwrap()
         }));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        wait_taken_in(&proxy, &emu, i + 1).await;
     }
     let mut statuses = Vec::new();
     for h in handles {
@@ -286,45 +296,46 @@ async fn past_max_depth_requests_are_refused_with_queue_full() {
 async fn a_client_that_leaves_while_waiting_is_not_sent_and_frees_its_slot() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let proxy = ProxyProcess::start(&presence_config("2/s", "60s"), emu.local_addr()).await;
-    let path = "/api/v2/users/u1/presences/purecloud";
-    let body = r#"{"primary":true}"#;
+    let path = presence::path("u1");
+    let body = presence::PRIMARY_ONLY;
     // A takes the slot at 0; the next is at 0.5 s.
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        path,
+        &path,
         &[("Authorization", "Bearer t")],
         body,
     )
     .await
     .unwrap();
     assert_eq!(a.status, 200);
-    // Five clients queue for 0.5, 1.0, ... 2.5 s, then hang up after 150 ms.
+    // Five clients queue for 0.5, 1.0, ... 2.5 s, then hang up once all five wait.
     let raw_req = format!(
         "PATCH {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut leavers = Vec::new();
     for _ in 0..5 {
-        let addr = proxy.addr;
-        let req = raw_req.clone();
-        leavers.push(tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(req.as_bytes()).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            drop(s);
-        }));
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(raw_req.as_bytes()).await.unwrap();
+        leavers.push(s);
     }
-    for l in leavers {
-        l.await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    // B arrives ~0.35 s after A: it gets the 0.5 s slot, not the 3 s one.
+    let depth = r#"shiftgate_queue_depth{route="presence"}"#;
+    let disconnects = r#"shiftgate_client_disconnects_total{route="presence"}"#;
+    proxy
+        .wait_for_metric(depth, Duration::from_secs(5), |n| n == 5.0)
+        .await;
+    drop(leavers);
+    // B arrives once the proxy has seen them go, well before 0.5 s: it gets the 0.5 s slot, not
+    // the 3 s one.
+    proxy
+        .wait_for_metric(disconnects, Duration::from_secs(5), |n| n == 5.0)
+        .await;
     let b = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        path,
+        &path,
         &[("Authorization", "Bearer t")],
         body,
     )
@@ -336,21 +347,18 @@ async fn a_client_that_leaves_while_waiting_is_not_sent_and_frees_its_slot() {
         wait < 500,
         "B waited {wait} ms behind clients that had left"
     );
-    // Only A and B reached the emulator.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Only A and B reached the emulator. Nothing is left that could still reach it: nothing in
+    // flight now, and (asserted below) nothing waiting.
+    proxy
+        .wait_for_metric(
+            r#"shiftgate_inflight_requests{route="presence"}"#,
+            Duration::from_secs(5),
+            |n| n == 0.0,
+        )
+        .await;
     assert_eq!(emu.stats().count("presence_patch", 200), 2);
-    assert_eq!(
-        proxy
-            .metric(r#"shiftgate_client_disconnects_total{route="presence"}"#)
-            .await,
-        5.0
-    );
-    assert_eq!(
-        proxy
-            .metric(r#"shiftgate_queue_depth{route="presence"}"#)
-            .await,
-        0.0
-    );
+    assert_eq!(proxy.metric(disconnects).await, 5.0);
+    assert_eq!(proxy.metric(depth).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,13 +370,13 @@ async fn bodies_arrive_byte_exact_small_large_and_chunked() {
         ("Content-Type", "application/json"),
     ];
     // Small, with non-ASCII text.
-    let small = r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true,"message":"Pause café ☕ — back at 10:15"}"#;
+    let small = presence::body_with_message("Pause café ☕ — back at 10:15");
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        "/api/v2/users/u1/presences/purecloud",
+        &presence::path("u1"),
         &auth,
-        small,
+        small.clone(),
     )
     .await
     .unwrap();
@@ -378,15 +386,12 @@ async fn bodies_arrive_byte_exact_small_large_and_chunked() {
         Some(sha256_hex(small.as_bytes()).as_str())
     );
     // Larger than the 64 KiB replay buffer: a bulk update of 50 users with long messages.
-    let entries: Vec<String> = (0..50)
-        .map(|i| format!(r#"{{"id":"user-{i}","sourceId":"purecloud","primary":true,"presenceDefinition":{{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"}},"message":"{}"}}"#, "x".repeat(3000 + i)))
-        .collect();
-    let big = format!("[{}]", entries.join(","));
+    let big = presence::bulk_body(50, |i| "x".repeat(3000 + i));
     assert!(big.len() > 64 * 1024);
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PUT,
-        "/api/v2/users/presences/bulk",
+        BULK_PATH,
         &auth,
         Bytes::from(big.clone()),
     )
@@ -399,17 +404,17 @@ async fn bodies_arrive_byte_exact_small_large_and_chunked() {
     );
     // Chunked transfer encoding.
     let parts = [
-        "{\"presenceDefinition\":",
-        "{\"id\":\"6a3af858-942f-489d-9700-5f9bcdcdae9b\"}",
-        ",\"primary\":true}",
+        "{\"presenceDefinition\":".to_string(),
+        format!("{{\"id\":\"{DEFINITION_ID}\"}}"),
+        ",\"primary\":true}".to_string(),
     ];
     let mut chunked = String::new();
-    for p in parts {
+    for p in &parts {
         chunked.push_str(&format!("{:x}\r\n{p}\r\n", p.len()));
     }
     chunked.push_str("0\r\n\r\n");
     let raw_answer = raw(
-        proxy.addr,
+        proxy.addr(),
         format!("PATCH /api/v2/users/u2/presences/purecloud HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunked}").as_bytes(),
         Duration::from_secs(5),
     )
@@ -430,14 +435,14 @@ async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configure
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
     // A listener standing for "another host": nothing may ever connect to it.
+    // A connection to it waits in its backlog, to be seen at the end.
     let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let foreign_addr = foreign.local_addr().unwrap();
-    let touched = tokio::spawn(async move { foreign.accept().await.is_ok() });
 
     let absolute = format!(
         "GET http://{foreign_addr}/api/v2/presence/definitions HTTP/1.1\r\nHost: {foreign_addr}\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n"
     );
-    let answer = raw(proxy.addr, absolute.as_bytes(), Duration::from_secs(5)).await;
+    let answer = raw(proxy.addr(), absolute.as_bytes(), Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // The emulator got it, with its own Host.
     assert!(
@@ -447,9 +452,9 @@ async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configure
         "{answer}"
     );
     let foreign_host = request(
-        proxy.addr,
+        proxy.addr(),
         Method::GET,
-        "/api/v2/presence/definitions",
+        DEFINITIONS_PATH,
         &[
             ("Host", &foreign_addr.to_string()),
             ("Authorization", "Bearer t"),
@@ -464,7 +469,7 @@ async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configure
         Some(emu.local_addr().to_string().as_str())
     );
     let connect = raw(
-        proxy.addr,
+        proxy.addr(),
         format!("CONNECT {foreign_addr} HTTP/1.1\r\nHost: {foreign_addr}\r\n\r\n").as_bytes(),
         Duration::from_secs(2),
     )
@@ -473,9 +478,10 @@ async fn no_open_proxy_a_foreign_host_or_absolute_uri_only_reaches_the_configure
         !connect.starts_with("HTTP/1.1 200"),
         "CONNECT must not tunnel: {connect}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!touched.is_finished(), "the foreign host was contacted");
-    touched.abort();
+    // That nothing happens is the point: no connection came since the start, and none comes in
+    // 200 ms more.
+    let touched = tokio::time::timeout(Duration::from_millis(200), foreign.accept()).await;
+    assert!(touched.is_err(), "the foreign host was contacted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,7 +492,7 @@ async fn an_sdk_through_the_gateway_prefixes_gets_a_token_and_updates_presence()
     let basic = "Basic Y2xpZW50LWlkOmNsaWVudC1zZWNyZXQ="; // client-id:client-secret
     for token_path in ["/login/oauth/token", "/oauth/token"] {
         let a = request(
-            proxy.addr,
+            proxy.addr(),
             Method::POST,
             token_path,
             &[
@@ -506,11 +512,14 @@ async fn an_sdk_through_the_gateway_prefixes_gets_a_token_and_updates_presence()
         let token = json(&a)["access_token"].as_str().unwrap().to_string();
         let bearer = format!("Bearer {token}");
         let p = request(
-            proxy.addr,
+            proxy.addr(),
             Method::PATCH,
-            "/api/v2/users/8f2b3c1e-0000-4000-8000-000000000001/presences/purecloud",
-            &[("Authorization", &bearer), ("Content-Type", "application/json")],
-            r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#,
+            &presence::path("8f2b3c1e-0000-4000-8000-000000000001"),
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            presence::BODY,
         )
         .await
         .unwrap();
@@ -524,14 +533,14 @@ async fn an_sdk_through_the_gateway_prefixes_gets_a_token_and_updates_presence()
 async fn the_proxy_answers_no_route_and_body_too_large_itself() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let proxy = ProxyProcess::start(&presence_config("100/s", "10s"), emu.local_addr()).await;
-    let a = get(proxy.addr, "/nowhere").await.unwrap();
+    let a = get(proxy.addr(), "/nowhere").await.unwrap();
     assert_own_answer(&a, 404, "shiftgate.no.route");
     // Declared too large: refused before reading.
     let big = vec![b'x'; 512_001];
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PUT,
-        "/api/v2/users/presences/bulk",
+        BULK_PATH,
         &[("Authorization", "Bearer t")],
         Bytes::from(big),
     )
@@ -546,7 +555,7 @@ async fn the_proxy_answers_no_route_and_body_too_large_itself() {
     }
     body.push_str("0\r\n\r\n");
     let answer = raw(
-        proxy.addr,
+        proxy.addr(),
         format!("PUT /api/v2/users/presences/bulk HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nTransfer-Encoding: chunked\r\n\r\n{body}").as_bytes(),
         Duration::from_secs(5),
     )
@@ -561,26 +570,17 @@ async fn the_proxy_answers_no_route_and_body_too_large_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_or_slow_upstream_gets_502_or_504_as_json() {
-    // Nothing listens on this port.
-    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let cfg = r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: { url: "http://@EMU@" }
-routes:
-  - name: default
-    match: { path: "/**" }
-retry:
-  max_attempts: 2
-  backoff_base: "50ms"
-limits:
-  upstream_timeout: "1s"
-"#;
-    let proxy = ProxyProcess::start(cfg, dead).await;
-    let a = get(proxy.addr, "/api/v2/presence/definitions")
-        .await
-        .unwrap();
+    // Nothing listens on this port: it is reserved, and a reservation never listens.
+    let dead = ReservedPort::loopback().unwrap();
+    let cfg = |max_attempts: u32| {
+        ProxyConfig::new()
+            .route(r#"{ name: default, match: { path: "/**" } }"#)
+            .yaml(&format!(
+                "retry:\n  max_attempts: {max_attempts}\n  backoff_base: \"50ms\"\nlimits:\n  upstream_timeout: \"1s\""
+            ))
+    };
+    let proxy = ProxyProcess::start(&cfg(2), dead.addr()).await;
+    let a = get(proxy.addr(), DEFINITIONS_PATH).await.unwrap();
     assert_own_answer(&a, 502, "shiftgate.upstream.unreachable");
     assert_eq!(
         header(&a, "X-Shiftgate-Attempts"),
@@ -593,16 +593,12 @@ limits:
         "token_rate_per_minute: 0\nfaults:\n  - { kind: slow, delay: \"5s\", path: \"/api/v2/users/**\" }\n",
     )
     .await;
-    let proxy = ProxyProcess::start(
-        &cfg.replace("max_attempts: 2", "max_attempts: 1"),
-        emu.local_addr(),
-    )
-    .await;
+    let proxy = ProxyProcess::start(&cfg(1), emu.local_addr()).await;
     let t = Instant::now();
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        "/api/v2/users/u/presences/purecloud",
+        &presence::path("u"),
         &[("Authorization", "Bearer t")],
         "{}",
     )
@@ -614,28 +610,17 @@ limits:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_name_that_does_not_resolve_is_a_502_and_a_log_line_not_a_panic() {
-    let cfg = r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: { url: "http://no-such-host.invalid:8080" }
-routes:
-  - name: default
-    match: { path: "/**" }
-retry:
-  max_attempts: 1
-"#;
-    let proxy = ProxyProcess::start(cfg, "127.0.0.1:9".parse().unwrap()).await;
-    let a = get(proxy.addr, "/api/v2/presence/definitions")
-        .await
-        .unwrap();
+    let cfg = ProxyConfig::new()
+        .api_url("http://no-such-host.invalid:8080")
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("retry:\n  max_attempts: 1");
+    let proxy = ProxyProcess::start(&cfg, "127.0.0.1:9".parse().unwrap()).await;
+    let a = get(proxy.addr(), DEFINITIONS_PATH).await.unwrap();
     assert_own_answer(&a, 502, "shiftgate.upstream.unreachable");
     // Still serving after it.
-    let again = get(proxy.addr, "/api/v2/presence/definitions")
-        .await
-        .unwrap();
+    let again = get(proxy.addr(), DEFINITIONS_PATH).await.unwrap();
     assert_eq!(again.status, 502);
-    assert!(get(proxy.admin, "/healthz").await.unwrap().status == 200);
+    assert!(get(proxy.admin(), "/healthz").await.unwrap().status == 200);
     let log = proxy.logs();
     assert!(
         log.contains("no-such-host.invalid"),
@@ -647,23 +632,25 @@ retry:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line_with_the_access_fields_and_no_token() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
-    let cfg = presence_config("100/s", "10s") + "log:\n  format: json\n";
+    let cfg = presence_config("100/s", "10s").yaml("log:\n  format: json");
     let proxy = ProxyProcess::start_with(&cfg, emu.local_addr(), &[("RUST_LOG", "info")]).await;
     let token = "Bearer sup3r-s3cret-token";
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        "/api/v2/users/u1/presences/purecloud",
+        &presence::path("u1"),
         &[
             ("Authorization", token),
             ("Content-Type", "application/json"),
         ],
-        r#"{"primary":true}"#,
+        presence::PRIMARY_ONLY,
     )
     .await
     .unwrap();
     assert_eq!(a.status, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy
+        .wait_for_log(Duration::from_secs(5), |l| l.contains("shiftgate::access"))
+        .await;
     let log = proxy.logs();
     assert!(!log.contains("sup3r-s3cret-token"));
     let mut access = None;
@@ -719,10 +706,10 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_refused() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let port = free_port();
+    let port = ReservedPort::loopback().unwrap();
     let mut server = std::process::Command::new("openssl")
         .args(["s_server", "-quiet", "-www", "-accept"])
-        .arg(format!("127.0.0.1:{port}"))
+        .arg(port.addr().to_string())
         .arg("-cert")
         .arg(&cert)
         .arg("-key")
@@ -731,29 +718,17 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_refused() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "s_server did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let cfg = r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: { url: "https://@EMU@" }
-routes:
-  - name: default
-    match: { path: "/**" }
-retry:
-  max_attempts: 1
-"#;
-    let proxy = ProxyProcess::start(cfg, format!("127.0.0.1:{port}").parse().unwrap()).await;
-    let a = get(proxy.addr, "/api/v2/presence/definitions")
-        .await
-        .unwrap();
+    let tls = port.addr();
+    wait_until_async("s_server listens", Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(tls).await.is_ok()
+    })
+    .await;
+    let cfg = ProxyConfig::new()
+        .api_https()
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("retry:\n  max_attempts: 1");
+    let proxy = ProxyProcess::start(&cfg, port.addr()).await;
+    let a = get(proxy.addr(), DEFINITIONS_PATH).await.unwrap();
     let _ = server.kill();
     let _ = server.wait();
     assert_own_answer(&a, 502, "shiftgate.upstream.unreachable");

@@ -7,37 +7,37 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::presence::{self, BULK_PATH, PATH_TEMPLATE};
+use common::wait::wait_until;
 use common::*;
 use http::Method;
 use shiftgate::loadtest;
 
-fn config(budget: &str, extra: &str) -> String {
-    format!(
-        r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: {{ url: "http://@EMU@" }}
-budgets:
-  presence: {{ rate: "{budget}" }}
-routes:
-  - name: presence
-    match: {{ method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}" }}
-    budgets: [presence]
-    max_wait: "60s"
-  - name: bulk
-    match: {{ method: PUT, path: "/api/v2/users/presences/bulk" }}
-    budgets: [presence]
-    max_wait: "60s"
-  - name: routing
-    match: {{ path: "/api/v2/users/{{userId}}/routingstatus" }}
-  - name: default
-    match: {{ path: "/**" }}
-queue:
-  max_depth: 5000
-{extra}
-"#
-    )
+/// Presence updates, single and bulk, on one `presence` budget of `budget`; routing status and
+/// the rest unpaced; `extra` top-level keys.
+fn config(budget: &str, extra: &str) -> ProxyConfig {
+    ProxyConfig::new()
+        .budget("presence", &format!(r#"{{ rate: "{budget}" }}"#))
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            budgets: [presence]
+            max_wait: "60s"
+            "#
+        ))
+        .route(&format!(
+            r#"
+            name: bulk
+            match: {{ method: PUT, path: "{BULK_PATH}" }}
+            budgets: [presence]
+            max_wait: "60s"
+            "#
+        ))
+        .route(r#"{ name: routing, match: { path: "/api/v2/users/{userId}/routingstatus" } }"#)
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("queue:\n  max_depth: 5000")
+        .yaml(extra)
 }
 
 /// One presence PATCH on a fresh connection, and how long its answer took.
@@ -48,21 +48,18 @@ async fn patch_presence(
     let a = request(
         addr,
         Method::PATCH,
-        "/api/v2/users/u1/presences/purecloud",
+        &presence::path("u1"),
         &[("Authorization", "Bearer t")],
-        BODY,
+        presence::BODY,
     )
     .await
     .unwrap();
     (a, t.elapsed())
 }
 
-const BODY: &str =
-    r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true}"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_50_percent_too_high_learns_the_real_limit_and_clients_see_no_429() {
-    let emu = emulator(&presence_limited("100/s", "20ms", "40ms")).await;
+    let emu = emulator(&presence::limited_emulator("100/s", "20ms", "40ms")).await;
     let proxy = ProxyProcess::start(&config("150/s", ""), emu.local_addr()).await;
     let result = loadtest::run(shift_change(proxy.url(), 200, 10, 200), None)
         .await
@@ -110,8 +107,14 @@ async fn a_429_outage_pauses_the_budget_instead_of_letting_every_waiter_probe() 
     let proxy = ProxyProcess::start(&config("50/s", ""), emu.local_addr()).await;
     let target = proxy.url();
     let load = tokio::spawn(loadtest::run(shift_change(target, 100, 6, 100), None));
-    // 2 s into the run, a 3 s outage answering 429 with Retry-After: 3.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 2 s into the run (100 requests at 50/s sent), a 3 s outage answering 429 with
+    // Retry-After: 3.
+    wait_until(
+        "100 requests through the proxy",
+        Duration::from_secs(20),
+        || emu.stats().total_requests >= 100,
+    )
+    .await;
     let outage: shiftgate::emulator::Fault = serde_json::from_value(
         serde_json::json!({"kind": "outage_429", "duration": "3s", "retry_after": 3}),
     )
@@ -143,12 +146,12 @@ async fn a_429_outage_pauses_the_budget_instead_of_letting_every_waiter_probe() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_retries_are_used_up_or_cannot_finish_in_time_the_upstream_429_passes_at_once() {
     // A daily-limit 429 (Retry-After 3600 > 180): given up at once, the upstream's own answer.
-    let emu = emulator(
-        "token_rate_per_minute: 0\nfaults:\n  - { kind: daily_limit, retry_after: 3600, path: \"/api/v2/users/{userId}/presences/{sourceId}\" }\n",
-    )
+    let emu = emulator(&format!(
+        "token_rate_per_minute: 0\nfaults:\n  - {{ kind: daily_limit, retry_after: 3600, path: \"{PATH_TEMPLATE}\" }}\n",
+    ))
     .await;
     let proxy = ProxyProcess::start(&config("100/s", ""), emu.local_addr()).await;
-    let (a, took) = patch_presence(proxy.addr).await;
+    let (a, took) = patch_presence(proxy.addr()).await;
     assert!(
         took < Duration::from_millis(500),
         "no waiting for a hopeless retry"
@@ -172,7 +175,7 @@ async fn when_retries_are_used_up_or_cannot_finish_in_time_the_upstream_429_pass
         emu.local_addr(),
     )
     .await;
-    let (a, took) = patch_presence(proxy.addr).await;
+    let (a, took) = patch_presence(proxy.addr()).await;
     assert!(took < Duration::from_millis(500));
     assert_eq!(a.status, 429);
     assert_eq!(header(&a, "Retry-After"), Some("5"));
@@ -187,7 +190,7 @@ async fn when_retries_are_used_up_or_cannot_finish_in_time_the_upstream_429_pass
         emu.local_addr(),
     )
     .await;
-    let (a, took) = patch_presence(proxy.addr).await;
+    let (a, took) = patch_presence(proxy.addr()).await;
     assert_eq!(a.status, 429);
     assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("3"));
     assert_eq!(header(&a, "Retry-After"), Some("1"));
@@ -205,16 +208,16 @@ async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_rese
     // The first attempt of every request meets a 429 with Retry-After 1; the retry succeeds.
     let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"1s\", retry_after: 1 }\n").await;
     let proxy = ProxyProcess::start(&config("100/s", ""), emu.local_addr()).await;
-    let body = r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"},"primary":true,"message":"Réunion d'équipe — 10 min"}"#;
+    let body = presence::body_with_message("Réunion d'équipe — 10 min");
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        "/api/v2/users/u1/presences/purecloud",
+        &presence::path("u1"),
         &[
             ("Authorization", "Bearer t"),
             ("Content-Type", "application/json"),
         ],
-        body,
+        body.clone(),
     )
     .await
     .unwrap();
@@ -238,9 +241,9 @@ async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_rese
     )
     .await;
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
-        "/api/v2/users/u1/presences/purecloud",
+        &presence::path("u1"),
         &[("Authorization", "Bearer t")],
         body,
     )
@@ -255,7 +258,7 @@ async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_rese
     );
     let put_body = r#"{"userId":"u1","status":"IDLE"}"#;
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PUT,
         "/api/v2/users/u1/routingstatus",
         &[("Authorization", "Bearer t")],
@@ -276,16 +279,13 @@ async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_rese
     // A body larger than the 64 KiB replay buffer cannot be re-sent: the upstream's 429 passes.
     let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"60s\", retry_after: 1 }\n").await;
     let proxy = ProxyProcess::start(&config("100/s", ""), emu.local_addr()).await;
-    let entries: Vec<String> = (0..30)
-        .map(|i| format!(r#"{{"id":"user-{i}","sourceId":"purecloud","primary":true,"presenceDefinition":{{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"}},"message":"{}"}}"#, "z".repeat(3000)))
-        .collect();
-    let big = format!("[{}]", entries.join(","));
+    let big = presence::bulk_body(30, |_| "z".repeat(3000));
     assert!(big.len() > 64 * 1024);
     let t = Instant::now();
     let a = request(
-        proxy.addr,
+        proxy.addr(),
         Method::PUT,
-        "/api/v2/users/presences/bulk",
+        BULK_PATH,
         &[("Authorization", "Bearer t")],
         Bytes::from(big),
     )
