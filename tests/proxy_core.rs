@@ -12,6 +12,7 @@ use common::presence::{self, BULK_PATH, DEFINITIONS_PATH, DEFINITION_ID, PATH_TE
 use common::wait::wait_until_async;
 use common::*;
 use http::Method;
+use shiftgate::digest::sha256_hex;
 use shiftgate::harness::EmulatorRuntime;
 use shiftgate::harness::ReservedPort;
 use shiftgate::loadtest;

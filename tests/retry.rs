@@ -11,6 +11,7 @@ use common::presence::{self, BULK_PATH, PATH_TEMPLATE};
 use common::wait::wait_until;
 use common::*;
 use http::Method;
+use shiftgate::digest::sha256_hex;
 use shiftgate::loadtest;
 
 /// Presence updates, single and bulk, on one `presence` budget of `budget`; routing status and

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
-pub use shiftgate::digest::sha256_hex;
 use shiftgate::emulator::EmulatorConfig;
 use shiftgate::harness::EmulatorRuntime;
 use shiftgate::loadtest::client::{AgentConnection, Answer, ClientError, OutgoingRequest};
@@ -123,7 +122,6 @@ pub fn assert_own_answer(a: &Answer, status: u16, code: &str) -> serde_json::Val
     );
     v
 }
-
 
 pub fn repo_path(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
