@@ -11,29 +11,17 @@ use bytes::Bytes;
 use common::*;
 use http::Method;
 
-const PRESENCE: &str = "/api/v2/users/{userId}/presences/{sourceId}";
-const BODY: &str = r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"}}"#;
-
 /// A presence route charged to a shared budget and a per-token one, both far above what the
 /// emulator allows one token: only the emulator's 429s can hold a token back.
-fn proxy_config() -> String {
-    format!(
-        r#"listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: {{ url: "http://@EMU@" }}
-budgets:
-  presence: {{ rate: "50/s", burst: 5 }}
-  per-token: {{ rate: "20/s", per: token }}
-routes:
-  - name: presence
-    match: {{ method: PATCH, path: "{PRESENCE}" }}
-    budgets: [presence, per-token]
-    max_wait: "20s"
-retry:
-  max_elapsed: "2s"
-"#
-    )
+fn proxy_config() -> ProxyConfig {
+    ProxyConfig::new()
+        .budget("presence", r#"{ rate: "50/s", burst: 5 }"#)
+        .budget("per-token", r#"{ rate: "20/s", per: token }"#)
+        .route(&format!(
+            r#"{{ name: presence, match: {{ method: PATCH, path: "{}" }}, budgets: [presence, per-token], max_wait: "20s" }}"#,
+            presence::PATH_TEMPLATE
+        ))
+        .yaml("retry: { max_elapsed: \"2s\" }")
 }
 
 async fn patch(
@@ -43,14 +31,14 @@ async fn patch(
 ) -> shiftgate::loadtest::client::Answer {
     let auth = format!("Bearer {token}");
     request(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
         &format!("/api/v2/users/user-{user}/presences/purecloud"),
         &[
             ("Authorization", auth.as_str()),
             ("Content-Type", "application/json"),
         ],
-        Bytes::from_static(BODY.as_bytes()),
+        Bytes::from_static(presence::BODY.as_bytes()),
     )
     .await
     .expect("an answer")
@@ -61,7 +49,7 @@ async fn others_go_on(proxy: &ProxyProcess) -> Duration {
     let started = Instant::now();
     let runs: Vec<_> = (0..10)
         .map(|i| {
-            let proxy_addr = proxy.addr;
+            let proxy_addr = proxy.addr();
             tokio::spawn(async move {
                 let auth = format!("Bearer other-{i}");
                 let a = request(
@@ -72,7 +60,7 @@ async fn others_go_on(proxy: &ProxyProcess) -> Duration {
                         ("Authorization", auth.as_str()),
                         ("Content-Type", "application/json"),
                     ],
-                    Bytes::from_static(BODY.as_bytes()),
+                    Bytes::from_static(presence::BODY.as_bytes()),
                 )
                 .await
                 .expect("an answer");
@@ -128,7 +116,8 @@ async fn one_tokens_own_limit_does_not_stall_the_other_tokens() {
 async fn a_retry_after_past_max_retry_after_passes_through_and_pauses_nothing_shared() {
     // One update per token per hour on presence: the second meets a 429 with Retry-After ~3600.
     let emu = emulator(&format!(
-        "token_rate_per_minute: 0\nlatency: {{ min: \"5ms\", max: \"10ms\" }}\nroute_limits:\n  - {{ name: presence, method: PATCH, path: \"{PRESENCE}\", limit: \"1/h\", per: token }}\n"
+        "token_rate_per_minute: 0\nlatency: {{ min: \"5ms\", max: \"10ms\" }}\nroute_limits:\n  - {{ name: presence, method: PATCH, path: \"{}\", limit: \"1/h\", per: token }}\n",
+        presence::PATH_TEMPLATE
     ))
     .await;
     let proxy = ProxyProcess::start(&proxy_config(), emu.local_addr()).await;
