@@ -178,18 +178,23 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Headers that frame the body: never removed on a `Connection` header's say-so, or the body
+/// would be forwarded without its length.
+const FRAMING: &[&str] = &["content-length", "transfer-encoding", "host"];
+
 /// The request headers not to forward: the hop-by-hop ones, and those named in `Connection`
-/// (its `values`), lower-case.
+/// (its `values`), lower-case; never the body's framing.
 ///
 /// ```
-/// let h = shiftgate::route::hop_by_hop_headers(["close, X-Trace"]);
+/// let h = shiftgate::route::hop_by_hop_headers(["close, X-Trace, Content-Length"]);
 /// assert!(h.contains(&"x-trace".to_string()) && h.contains(&"keep-alive".to_string()));
+/// assert!(!h.contains(&"content-length".to_string()));
 /// ```
 pub fn hop_by_hop_headers<'a>(connection: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let named = connection
         .into_iter()
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty());
+        .filter(|s| !s.is_empty() && !FRAMING.contains(&s.as_str()));
     HOP_BY_HOP
         .iter()
         .map(|h| h.to_string())

@@ -93,13 +93,19 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The Host header value the upstream expects.
+    /// The Host header value the upstream expects: an IPv6 address in brackets, the port
+    /// when it is not the scheme's.
     pub fn host_header(&self) -> String {
         let default_port = if self.tls { 443 } else { 80 };
-        if self.port == default_port {
-            self.host.clone()
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
         } else {
-            format!("{}:{}", self.host, self.port)
+            self.host.clone()
+        };
+        if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
         }
     }
 }
@@ -417,6 +423,18 @@ mod tests {
 
     /// The smallest valid config; the line index tests read it too.
     pub(super) const MINIMAL: &str = "listen: \"127.0.0.1:8080\"\nupstreams:\n  api: { url: \"http://127.0.0.1:9000\" }\nroutes:\n  - name: all\n    match: { path: \"/**\" }\n";
+
+    #[test]
+    fn the_host_header_keeps_an_ipv6_address_in_brackets() {
+        let host = |url: &str| {
+            let c = Config::parse(&MINIMAL.replace("http://127.0.0.1:9000", url)).unwrap();
+            c.upstreams[0].host_header()
+        };
+        assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
+        assert_eq!(host("https://[2001:db8::1]"), "[2001:db8::1]");
+        assert_eq!(host("http://127.0.0.1:9000"), "127.0.0.1:9000");
+        assert_eq!(host("https://api.mypurecloud.com"), "api.mypurecloud.com");
+    }
 
     #[test]
     fn minimal_config_gets_the_documented_defaults() {
