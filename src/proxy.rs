@@ -23,7 +23,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Config, Per, RouteSpec};
-use crate::digest::key_hash;
+use crate::digest::{key_hash, token_key};
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Demand, Rejection, Ticket};
@@ -145,7 +145,7 @@ impl Proxy {
                 let b = &cfg.budgets[i];
                 let key = match &b.per {
                     Per::Global => None,
-                    Per::Token => Some(key_hash(
+                    Per::Token => Some(token_key(
                         session
                             .req_header()
                             .headers
