@@ -16,10 +16,12 @@ pub enum Reason {
     ShuttingDown,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// A path that climbs above the root or cannot be normalised otherwise.
+    BadRequest,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::QueueWait,
         Reason::QueueFull,
         Reason::BodyTooLarge,
@@ -27,6 +29,7 @@ impl Reason {
         Reason::ShuttingDown,
         Reason::UpstreamUnreachable,
         Reason::UpstreamTimeout,
+        Reason::BadRequest,
     ];
 
     pub fn status(self) -> u16 {
@@ -37,6 +40,7 @@ impl Reason {
             Reason::ShuttingDown => 503,
             Reason::UpstreamUnreachable => 502,
             Reason::UpstreamTimeout => 504,
+            Reason::BadRequest => 400,
         }
     }
 
@@ -50,6 +54,7 @@ impl Reason {
             Reason::ShuttingDown => "shiftgate.shutting.down",
             Reason::UpstreamUnreachable => "shiftgate.upstream.unreachable",
             Reason::UpstreamTimeout => "shiftgate.upstream.timeout",
+            Reason::BadRequest => "shiftgate.bad.request",
         }
     }
 
@@ -73,6 +78,7 @@ impl Reason {
             Reason::ShuttingDown => "shutting_down",
             Reason::UpstreamUnreachable => "upstream_unreachable",
             Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::BadRequest => "bad_request",
         }
     }
 }
@@ -129,5 +135,31 @@ impl LocalResponse {
             h.push(("Retry-After", s.to_string()));
         }
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_code_and_a_rejections_label() {
+        for r in Reason::ALL {
+            assert!(r.code().starts_with("shiftgate."), "{r:?}");
+            assert!(
+                crate::metrics::REJECTION_REASONS.contains(&r.label()),
+                "{r:?}: {} is not in metrics::REJECTION_REASONS",
+                r.label()
+            );
+        }
+        assert_eq!(crate::metrics::REJECTION_REASONS.len(), Reason::ALL.len());
+        let bad = LocalResponse::new(Reason::BadRequest, "the path /.. climbs above the root");
+        let v: serde_json::Value = serde_json::from_str(&bad.body()).unwrap();
+        assert_eq!(v["status"], 400);
+        assert_eq!(v["code"], "shiftgate.bad.request");
+        assert_eq!(
+            bad.headers(),
+            [("ININ-Correlation-Id", bad.correlation_id.clone())]
+        );
     }
 }

@@ -13,7 +13,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every `reason` of `shiftgate_rejections_total`, one per answer the proxy makes itself.
 /// Every metric of the contract (shared/contract.md) with its exposition type.
 pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_requests_total", "counter"),
@@ -42,6 +41,8 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
 /// The `route` label of requests that matched no route.
 pub const NO_ROUTE_LABEL: &str = "none";
 
+/// Every `reason` of `shiftgate_rejections_total`, one per answer the proxy makes itself
+/// (`local_response::Reason::label`).
 pub const REJECTION_REASONS: &[&str] = &[
     "queue_wait",
     "queue_full",
@@ -50,6 +51,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "shutting_down",
     "upstream_unreachable",
     "upstream_timeout",
+    "bad_request",
 ];
 
 /// The `reason`s of `shiftgate_retries_total` created ahead of time: the retryable statuses and

@@ -2,11 +2,11 @@
 //! translates between the session and the plain types of `route`, `pacer` and `retry`.
 //!
 //! One request, in hook order:
-//! - `request_filter`: route, body size, read a small body up front (it is replayed from
-//!   Pingora's retry buffer and lets us notice a client that leaves), admission.
+//! - `request_filter`: the path normalised, route, body size, read a small body up front (it
+//!   is replayed from Pingora's retry buffer and lets us notice a client that leaves), admission.
 //! - `upstream_peer` (once per attempt): wait for the slots (or a retry's pause), raced against
 //!   the client leaving; then the peer, from addresses resolved off the blocking path.
-//! - `upstream_request_filter`: path rewrite, Host, hop-by-hop headers.
+//! - `upstream_request_filter`: path rewrite (of the normalised path), Host, hop-by-hop headers.
 //! - `upstream_response_filter`: a 429 pauses the budgets; a retryable status becomes a
 //!   retryable error (nothing has reached the client yet), unless the policy gives up.
 //! - `error_while_proxy` / `fail_to_connect`: the same policy for transport failures.
@@ -23,12 +23,12 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Config, Per, RouteSpec};
-use crate::digest::key_hash;
+use crate::digest::{key_hash, token_key};
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Demand, Rejection, Ticket};
 use crate::retry::{self, Attempt, Outcome, Verdict};
-use crate::route::{find_route, hop_by_hop_headers, upstream_path};
+use crate::route::{find_route, hop_by_hop_headers, normalize_path, upstream_path};
 use crate::state::{ActiveRequest, State};
 use crate::throttle::{self, RetryWait};
 
@@ -48,6 +48,9 @@ pub struct Ctx {
     /// The config this request is served under, from its first hook on.
     config: Option<Arc<Config>>,
     route: Option<usize>,
+    /// The normalised path and the query as it came: what the route was matched on (the path)
+    /// and what is forwarded.
+    target: String,
     /// The buckets it is charged to (empty: an unpaced route).
     buckets: Vec<BucketKey>,
     /// Waiting for slots: its place in the queue and in the queue-depth gauge.
@@ -145,7 +148,7 @@ impl Proxy {
                 let b = &cfg.budgets[i];
                 let key = match &b.per {
                     Per::Global => None,
-                    Per::Token => Some(key_hash(
+                    Per::Token => Some(token_key(
                         session
                             .req_header()
                             .headers
@@ -295,6 +298,7 @@ impl ProxyHttp for Proxy {
             active: Some(self.state.request_started()),
             config: None,
             route: None,
+            target: String::new(),
             buckets: Vec::new(),
             queued: None,
             attempt: None,
@@ -310,7 +314,7 @@ impl ProxyHttp for Proxy {
         }
     }
 
-    /// Phase 1 (default: nothing): route, size, admission. `Ok(true)` means answered here.
+    /// Phase 1 (default: nothing): path, route, size, admission. `Ok(true)` means answered here.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let cfg = self.state.config();
         ctx.config = Some(cfg.clone());
@@ -321,13 +325,27 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         }
         let req = session.req_header();
-        let Some(route_index) = find_route(&cfg.routes, &req.method, req.uri.path()) else {
-            let msg = format!("no route for {} {}", req.method, req.uri.path());
+        // One spelling per path, so `//api/...` cannot skip the budgets of `/api/...`.
+        let path = match normalize_path(req.uri.path()) {
+            Ok(path) => path.into_owned(),
+            Err(e) => {
+                let msg = format!("the path {:?} cannot be used: {e}", req.uri.path());
+                self.answer(session, ctx, LocalResponse::new(Reason::BadRequest, msg))
+                    .await;
+                return Ok(true);
+            }
+        };
+        let Some(route_index) = find_route(&cfg.routes, &req.method, &path) else {
+            let msg = format!("no route for {} {path}", req.method);
             self.answer(session, ctx, LocalResponse::new(Reason::NoRoute, msg))
                 .await;
             return Ok(true);
         };
         ctx.route = Some(route_index);
+        ctx.target = match req.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
         let route = &cfg.routes[route_index];
 
         let max = cfg.limits.max_body_bytes;
@@ -551,19 +569,18 @@ impl ProxyHttp for Proxy {
     /// Path rewrite, Host, and connection-level headers (default: forward as received).
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         let cfg = ctx.config.clone().expect("set in request_filter");
         let route = ctx.route(&cfg).expect("routed");
         let upstream = &cfg.upstreams[route.upstream];
-        let target = session
-            .req_header()
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str());
-        let path = upstream_path(target, route.strip_prefix.as_deref(), &upstream.base_path);
+        let path = upstream_path(
+            &ctx.target,
+            route.strip_prefix.as_deref(),
+            &upstream.base_path,
+        );
         let uri: http::Uri = path
             .parse()
             .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewritten path", e))?;

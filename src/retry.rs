@@ -151,11 +151,13 @@ pub fn status_label(status: u16) -> &'static str {
 /// assert_eq!(parse_retry_after("42", now), Some(Duration::from_secs(42)));
 /// assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now), Some(Duration::from_secs(7)));
 /// assert_eq!(parse_retry_after("soon", now), None);
+/// assert_eq!(parse_retry_after("+5", now), None);
 /// ```
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    // delay-seconds is 1*DIGIT (RFC 9110 §10.2.3); `u64::from_str` alone would also take `+5`.
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v.parse::<u64>().ok().map(Duration::from_secs);
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -276,5 +278,68 @@ pub(crate) mod tests {
             decide(&settings(), &attempt(Outcome::Status(500, None))),
             Verdict::Done
         );
+    }
+
+    mod parsing_retry_after {
+        //! `parse_retry_after` on arbitrary input. 256 cases each (proptest's default, which,
+        //! unlike `ProptestConfig::with_cases`, `PROPTEST_CASES` overrides). A long run:
+        //! `PROPTEST_CASES=100000 cargo test --lib retry::tests::parsing_retry_after`.
+
+        use std::time::UNIX_EPOCH;
+
+        use proptest::prelude::*;
+
+        use super::super::parse_retry_after;
+        use super::*;
+
+        /// Any instant from 1970 to 2200, to the second.
+        fn instant() -> impl Strategy<Value = SystemTime> {
+            (0u64..7_258_118_400).prop_map(|s| UNIX_EPOCH + Duration::from_secs(s))
+        }
+
+        /// Input that comes close to what parses: digits with signs, points and spaces around
+        /// them, dates a little wrong, and anything at all.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[ \t]{0,2}[+-]?[0-9]{0,25}([.,e][0-9]{0,3})?[ \t]{0,2}",
+                "(Mon|Sun), [0-9]{1,2} (Jan|Nov) [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} (GMT|UTC)",
+                "\\PC{0,40}",
+                any::<Vec<u8>>().prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn whole_seconds_parse_to_exactly_that(
+                secs in any::<u64>(),
+                lead in "[ \t]{0,3}",
+                trail in "[ \t]{0,3}",
+                zeros in "0{0,3}",
+                now in instant(),
+            ) {
+                let v = format!("{lead}{zeros}{secs}{trail}");
+                prop_assert_eq!(parse_retry_after(&v, now), Some(Duration::from_secs(secs)));
+            }
+
+            #[test]
+            fn a_date_is_the_time_left_until_it(at in instant(), now in instant()) {
+                let v = httpdate::fmt_http_date(at);
+                let left = at.duration_since(now).unwrap_or(Duration::ZERO);
+                prop_assert_eq!(parse_retry_after(&v, now), Some(left));
+            }
+
+            /// Never panics; anything but whole seconds is `None` or an HTTP date.
+            #[test]
+            fn anything_else_is_none_or_a_date(v in value(), now in instant()) {
+                let got = parse_retry_after(&v, now);
+                let t = v.trim();
+                let whole = !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+                if let (Some(d), false) = (got, whole) {
+                    let at = httpdate::parse_http_date(t);
+                    prop_assert!(at.is_ok(), "{:?} gave {:?}: not seconds, not a date", v, d);
+                    prop_assert_eq!(d, at.unwrap().duration_since(now).unwrap_or(Duration::ZERO));
+                }
+            }
+        }
     }
 }
