@@ -71,18 +71,50 @@ fn seq<'a>(v: &'a Value, what: &str) -> &'a Vec<Value> {
         .unwrap_or_else(|| panic!("{what} should be a list, is {v:?}"))
 }
 
-/// The config text of the ConfigMap `shiftgate-config`, and that config parsed.
+/// A stand-in for a secret the deployment provides at run time (the admin token).
+const STAND_IN: &str = "stand-in-token";
+
+/// The names of the variables the Deployment's shiftgate container sets.
+fn container_env_names(docs: &[(String, Value)]) -> Vec<String> {
+    let container = shiftgate_container(manifest(docs, "Deployment", "shiftgate"));
+    container["env"]
+        .as_sequence()
+        .map(|env| {
+            env.iter()
+                .map(|e| text(&e["name"], "env name").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The config text of the ConfigMap `shiftgate-config`, and that config parsed in the
+/// environment the Deployment gives it: its variables set (to a stand-in), every other unset. So
+/// `admin_token_env` must name a variable the Deployment sets.
 fn configmap_config(docs: &[(String, Value)]) -> (String, Config) {
     let cm = manifest(docs, "ConfigMap", "shiftgate-config");
     let yaml = text(&cm["data"]["config.yaml"], "ConfigMap data.\"config.yaml\"").to_string();
-    let config = Config::parse(&yaml)
+    let names = container_env_names(docs);
+    let env = |name: &str| {
+        names
+            .iter()
+            .any(|n| n == name)
+            .then(|| STAND_IN.to_string())
+    };
+    let config = Config::parse_with_env(&yaml, &env)
         .unwrap_or_else(|e| panic!("the ConfigMap's config.yaml is rejected:\n{e}"));
     (yaml, config)
 }
 
+/// Every variable set (to a stand-in): the systemd unit's EnvironmentFile and `docker run -e`
+/// provide the admin token at run time.
+fn any_env(_: &str) -> Option<String> {
+    Some(STAND_IN.to_string())
+}
+
 /// The shipped config.yaml at the repository root (the systemd unit and the image use it).
 fn shipped_config() -> Config {
-    Config::parse(&read("config.yaml")).unwrap_or_else(|e| panic!("config.yaml is rejected:\n{e}"))
+    Config::parse_with_env(&read("config.yaml"), &any_env)
+        .unwrap_or_else(|e| panic!("config.yaml is rejected:\n{e}"))
 }
 
 /// The container named shiftgate of the Deployment's pod template.
@@ -173,12 +205,14 @@ fn configmap_config_passes_parse_and_shiftgate_check() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, &yaml).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let mut check = Command::new(env!("CARGO_BIN_EXE_shiftgate"));
+    check.arg("check").arg("--config").arg(&path);
+    // The Deployment's environment: its variables (the admin token's among them), no other.
+    check.env_clear();
+    for name in container_env_names(&docs) {
+        check.env(name, STAND_IN);
+    }
+    let out = check.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("shiftgate check: {}", stdout.trim());
@@ -334,8 +368,9 @@ fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
 
     // The admin token, from an optional Secret, under the name the config reads.
     let token_env = config
-        .admin_token_env
-        .as_deref()
+        .admin_token
+        .as_ref()
+        .map(|t| t.env.as_str())
         .expect("admin_token_env in the ConfigMap's config");
     let env = seq(&container["env"], "env")
         .iter()
@@ -458,7 +493,8 @@ fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
     assert_eq!(one("PIDFile"), "/run/shiftgate/shiftgate.pid");
     assert!(
         one("EnvironmentFile").starts_with('-'),
-        "EnvironmentFile is optional"
+        "EnvironmentFile is optional: without it shiftgate itself refuses a config whose \
+         admin_token_env names an unset variable, and says which"
     );
 
     let stop = unit_seconds(one("TimeoutStopSec"));
@@ -625,7 +661,7 @@ fn dockerfile_runtime_is_non_root_with_ca_certificates() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let config = Config::parse(&image_config)
+    let config = Config::parse_with_env(&image_config, &any_env)
         .unwrap_or_else(|e| panic!("the image's config is rejected:\n{e}"));
     assert_eq!(config.admin_listen, "0.0.0.0:9090".parse().unwrap());
 }

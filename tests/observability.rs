@@ -42,7 +42,6 @@ fn config(presence_rate: &str, presence_max_wait: &str) -> String {
         r#"
 listen: "@LISTEN@"
 admin_listen: "@ADMIN@"
-admin_token_env: SHIFTGATE_ADMIN_TOKEN
 upstreams:
   api: {{ url: "http://@EMU@" }}
   login: {{ url: "http://@EMU@" }}
@@ -1167,8 +1166,13 @@ async fn admin_endpoints_answer_and_no_token_shows_in_pages_metrics_or_log() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let admin_token = format!("obs-admin-{}", uuid::Uuid::new_v4().simple());
     // Everything of shiftgate's own at debug, access lines included: the most a log can hold.
+    // The reload needs a token: the config names its variable (and the proxy would refuse to
+    // start without it set).
     let proxy = ProxyProcess::start_with(
-        &config("20/s", "60s"),
+        &format!(
+            "admin_token_env: SHIFTGATE_ADMIN_TOKEN\n{}",
+            config("20/s", "60s")
+        ),
         emu.local_addr(),
         &[
             ("SHIFTGATE_ADMIN_TOKEN", admin_token.as_str()),
