@@ -1,10 +1,12 @@
 //! The deployment files under deploy/ read the way the tools that use them read them, and checked
 //! against the config they ship: the Kubernetes manifests parse and name themselves; the
 //! ConfigMap's config is one that the library and `shiftgate check` accept; the Deployment mounts
-//! it so that reloads reach the process, probes the admin port that config listens on and waits
-//! out its drain; the systemd unit reloads with SIGHUP and waits out the drain too; the image
-//! runs as a non-root user with the CA roots; the upgrade script is valid sh and agrees with the
-//! unit. Docker and a cluster are not needed: nothing is built or applied.
+//! it so that reloads reach the process, probes the admin port that config listens on, waits
+//! out its drain and requires the admin token's Secret; the NetworkPolicy keeps the admin port
+//! to the monitoring namespace and the proxy port open; the systemd unit reloads with SIGHUP and
+//! waits out the drain too; the image runs as a non-root user with the CA roots; the upgrade
+//! script is valid sh and agrees with the unit. Docker and a cluster are not needed: nothing is
+//! built or applied.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -266,7 +268,7 @@ fn configmap_budgets_are_the_shipped_ones_divided_by_the_replicas() {
 /// where `--config` points, probes /readyz and /healthz on the port the config's admin_listen
 /// uses, serves the config's listen port as `http`, gives SIGTERM more time than the preStop
 /// pause, the drain and 5 s of answers together, runs as non-root on a read-only root, and takes
-/// the admin token from an optional Secret under the name admin_token_env gives.
+/// the admin token from a Secret that is not optional, under the name admin_token_env gives.
 #[test]
 fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
     let docs = k8s_documents();
@@ -366,7 +368,7 @@ fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
         Some(true)
     );
 
-    // The admin token, from an optional Secret, under the name the config reads.
+    // The admin token, from a Secret, under the name the config reads.
     let token_env = config
         .admin_token
         .as_ref()
@@ -381,10 +383,12 @@ fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
         secret["name"].as_str().is_some(),
         "{token_env} from a Secret"
     );
-    assert_eq!(
+    // Not optional: without the Secret the pod does not start (CreateContainerConfigError names
+    // it), rather than start with the variable unset and exit 1 in a restart loop.
+    assert_ne!(
         secret["optional"].as_bool(),
         Some(true),
-        "the Secret is optional"
+        "the admin token's Secret must not be optional"
     );
 }
 
@@ -424,6 +428,102 @@ fn service_and_podmonitor_use_the_container_ports() {
         resolve_port(container, &endpoint["port"]),
         config.admin_listen.port(),
         "the PodMonitor scrapes the admin port"
+    );
+}
+
+/// The label the NetworkPolicy asks the pods that watch the admin port to carry, and the
+/// namespace it admits them from (deploy/kubernetes/networkpolicy.yaml and deploy/README.md).
+const ADMIN_ACCESS_LABEL: (&str, &str) = ("shiftgate/admin-access", "true");
+const MONITORING_NAMESPACE: &str = "monitoring";
+
+/// The NetworkPolicy selects the Deployment's pods and filters their ingress: the proxy port
+/// (the config's listen) is open to every client, the admin port (admin_listen: /metrics,
+/// /status, POST /-/reload) only to pods with [`ADMIN_ACCESS_LABEL`] in the namespace
+/// [`MONITORING_NAMESPACE`]; no rule opens every port.
+#[test]
+fn networkpolicy_admits_the_admin_port_only_from_monitoring_and_leaves_the_proxy_port_open() {
+    let docs = k8s_documents();
+    let (_, config) = configmap_config(&docs);
+    let deployment = manifest(&docs, "Deployment", "shiftgate");
+    let container = shiftgate_container(deployment);
+    let policy = manifest(&docs, "NetworkPolicy", "shiftgate");
+    let spec = &policy["spec"];
+
+    // It applies to the shiftgate pods.
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = spec["podSelector"]["matchLabels"]
+        .as_mapping()
+        .expect("podSelector.matchLabels");
+    assert!(
+        !selector.is_empty(),
+        "an empty podSelector selects every pod"
+    );
+    for (k, v) in selector {
+        assert_eq!(&pod_labels[k], v, "the pod template has the label {k:?}");
+    }
+    let types: Vec<&str> = seq(&spec["policyTypes"], "policyTypes")
+        .iter()
+        .map(|t| text(t, "a policy type"))
+        .collect();
+    assert!(types.contains(&"Ingress"), "policyTypes: {types:?}");
+
+    let (http, admin) = (config.listen.port(), config.admin_listen.port());
+    let mut http_open_to_all = false;
+    let mut admin_rules = 0;
+    for (i, rule) in seq(&spec["ingress"], "ingress").iter().enumerate() {
+        let ports: Vec<u16> = seq(&rule["ports"], "ingress ports (none: every port)")
+            .iter()
+            .map(|p| {
+                assert_ne!(p["protocol"].as_str(), Some("UDP"), "ingress[{i}]");
+                resolve_port(container, &p["port"])
+            })
+            .collect();
+        let from = rule["from"].as_sequence();
+        if ports.contains(&http) && from.is_none_or(|f| f.is_empty()) {
+            http_open_to_all = true;
+        }
+        if !ports.contains(&admin) {
+            continue;
+        }
+        admin_rules += 1;
+        assert!(
+            !ports.contains(&http),
+            "ingress[{i}] admits the admin port: it must not be the proxy port's rule"
+        );
+        let from = from
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| panic!("ingress[{i}] admits the admin port from everywhere"));
+        for (j, peer) in from.iter().enumerate() {
+            let at = format!("ingress[{i}].from[{j}]");
+            assert!(
+                peer["ipBlock"].is_null(),
+                "{at}: no ipBlock to the admin port"
+            );
+            assert_eq!(
+                peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(),
+                Some(MONITORING_NAMESPACE),
+                "{at}: the monitoring namespace only"
+            );
+            let pods = peer["podSelector"]["matchLabels"]
+                .as_mapping()
+                .unwrap_or_else(|| panic!("{at}: a podSelector, in the same entry"));
+            assert_eq!(pods.len(), 1, "{at}: one label to set");
+            let (key, value) = ADMIN_ACCESS_LABEL;
+            assert_eq!(
+                pods.get(key).and_then(Value::as_str),
+                Some(value),
+                "{at}: the label deploy/README.md tells to set"
+            );
+        }
+    }
+    assert!(
+        http_open_to_all,
+        "the proxy port {http} stays open to every client"
+    );
+    assert_eq!(admin_rules, 1, "one rule admits the admin port {admin}");
+    println!(
+        "NetworkPolicy: port {http} from anywhere; port {admin} from pods labelled {}={} in namespace {MONITORING_NAMESPACE}",
+        ADMIN_ACCESS_LABEL.0, ADMIN_ACCESS_LABEL.1
     );
 }
 
