@@ -1,30 +1,83 @@
 //! The admin listener: /metrics, /healthz, /readyz, /status, /status.json and POST /-/reload.
-//! Plain hyper on its own task, so it keeps answering while the proxy drains.
+//! Plain hyper on its own task, so it keeps answering while the proxy drains. It fails closed:
+//! a bounded number of connections, a bounded time to send a request head, bodies of at most
+//! [`MAX_BODY_BYTES`], and the admin token (when the config asks for one) on every reload.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::state::{ReloadRecord, State};
 use crate::status_page::{self, BudgetStatus, RouteStatus, StatusSnapshot};
 
 type Body = Full<Bytes>;
 
-/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+/// The largest request body the admin listener reads. No endpoint needs one (`POST /-/reload`
+/// ignores its body); a few KiB leave room for clients that send a small JSON object anyway.
+pub const MAX_BODY_BYTES: usize = 4096;
+
+/// Admin connections open at once. Prometheus, the kubelet's probes and a person with curl use
+/// a handful; 64 leave room for several scrapers and probes while bounding what a flood of
+/// connections can take (a task and read buffers each).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send a request head, and the body of a reload. A probe or a
+/// scrape sends its head in one packet; 10 s is generous for a slow network and short enough
+/// that a client trickling bytes cannot hold one of the [`MAX_CONNECTIONS`] for long. hyper
+/// runs this timer while it waits for a head, so an idle keep-alive connection is closed after
+/// it too (Prometheus, scraping every 15 s, simply opens a new one).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most one log line per this long about refused connections: a flood must not flood the log.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The admin listener's bounds; [`AdminLimits::default`] is what `shiftgate run` uses, tests
+/// shorten them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// Connections open at once; past it a new connection is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time to send a request head (and a reload's body), see [`READ_TIMEOUT`].
+    pub read_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> AdminLimits {
+        AdminLimits {
+            max_connections: MAX_CONNECTIONS,
+            read_timeout: READ_TIMEOUT,
+        }
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves, with the default limits.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_with(listener, state, AdminLimits::default(), shutdown).await
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn serve_with(
+    listener: TcpListener,
+    state: Arc<State>,
+    limits: AdminLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refused = Refused::default();
     loop {
         let (stream, _) = tokio::select! {
             _ = &mut shutdown => return,
@@ -37,16 +90,50 @@ pub async fn serve(
                 }
             },
         };
+        // Accepted and closed at once rather than left in the backlog: the client learns now,
+        // and the connections already open (a probe among them) keep being served.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            refused.count(limits.max_connections);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+                async move { Ok::<_, Infallible>(handle(req, &state, limits.read_timeout).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.read_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+            drop(slot);
         });
+    }
+}
+
+/// Connections refused since the last log line about them.
+#[derive(Default)]
+struct Refused {
+    since_logged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Refused {
+    fn count(&mut self, max: usize) {
+        self.since_logged += 1;
+        if self
+            .logged_at
+            .is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                refused = self.since_logged,
+                "admin listener: {max} connections open, closing new ones"
+            );
+            self.since_logged = 0;
+            self.logged_at = Some(Instant::now());
+        }
     }
 }
 
@@ -63,7 +150,38 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
         .expect("valid response")
 }
 
-async fn handle(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
+/// An answer after which the connection is closed: the rest of the request is not read.
+fn closing(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = text(status, "text/plain", body);
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+fn too_large() -> Response<Body> {
+    closing(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the admin endpoints take bodies of at most {MAX_BODY_BYTES} bytes\n"),
+    )
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: &Arc<State>,
+    read_timeout: Duration,
+) -> Response<Body> {
+    // Refused before anything is read. A body sent without a length (chunked) is bounded
+    // where it is read, in `reload`; no other endpoint reads one.
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -91,7 +209,7 @@ async fn handle(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
             "application/json",
             serde_json::to_string_pretty(&snapshot(state)).expect("serializable"),
         ),
-        (&Method::POST, "/-/reload") => reload(req, state).await,
+        (&Method::POST, "/-/reload") => reload(req, state, read_timeout).await,
         (_, "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json" | "/-/reload") => {
             text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -103,18 +221,20 @@ async fn handle(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
     }
 }
 
-async fn reload(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
-    let env = state.config().admin_token_env.clone();
-    if let Some(expected) = env
-        .and_then(|name| std::env::var(name).ok())
-        .filter(|v| !v.is_empty())
-    {
+async fn reload(
+    req: Request<Incoming>,
+    state: &Arc<State>,
+    read_timeout: Duration,
+) -> Response<Body> {
+    // Validation guarantees that a config naming admin_token_env carries its token: there is
+    // no "variable unset, so no check" case here.
+    if let Some(token) = &state.config().admin_token {
         let given = req
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        if !given.is_some_and(|g| token.matches(g.as_bytes())) {
             return text(
                 StatusCode::UNAUTHORIZED,
                 "text/plain",
@@ -122,8 +242,25 @@ async fn reload(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
             );
         }
     }
-    // The body is not used; read it so the connection stays usable.
-    let _ = req.into_body().collect().await;
+    // The body is not used; read it (at most MAX_BODY_BYTES, in bounded time) so the
+    // connection stays usable.
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
+    match tokio::time::timeout(read_timeout, body).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Err(e)) => {
+            return closing(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}\n"),
+            )
+        }
+        Err(_) => {
+            return closing(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {read_timeout:?}\n"),
+            )
+        }
+    }
     let state2 = state.clone();
     let result =
         tokio::task::spawn_blocking(move || crate::reload::reload(&state2, "POST /-/reload")).await;
@@ -149,10 +286,6 @@ async fn reload(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
             format!("reload failed: {e}\n"),
         ),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn refresh_gauges(state: &State) {

@@ -1,5 +1,8 @@
 //! Every kind of config mistake, one fixture each: the whole error list is asserted, each error
 //! with its YAML path and line. Also the CLI's exit codes for `check` and `run`.
+//!
+//! The fixtures are validated against [`fixture_env`], never the environment of this process, and
+//! every child process is given the variables it needs (or has them removed) explicitly.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,9 +16,19 @@ fn fixture(name: &str) -> (String, String) {
     (yaml, expected)
 }
 
+/// The environment the fixtures are validated in: the `admin_token_*` fixtures name these
+/// variables; every other variable is unset.
+fn fixture_env(name: &str) -> Option<String> {
+    match name {
+        "SHIFTGATE_TEST_ADMIN_TOKEN_EMPTY" => Some(String::new()),
+        "SHIFTGATE_TEST_ADMIN_TOKEN_NEWLINE" => Some("s3cret\n".to_string()),
+        _ => None,
+    }
+}
+
 fn assert_errors(name: &str) {
     let (yaml, expected) = fixture(name);
-    let errors = Config::parse(&yaml).expect_err("the fixture is invalid");
+    let errors = Config::parse_with_env(&yaml, &fixture_env).expect_err("the fixture is invalid");
     let got: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
     let want: Vec<&str> = expected.lines().collect();
     assert_eq!(got, want, "fixture {name}");
@@ -48,18 +61,24 @@ fixtures!(
     bad_enum,
     invalid_yaml,
     many_errors,
+    admin_token_unset,
+    admin_token_empty,
+    admin_token_newline,
 );
 
 #[test]
 fn many_mistakes_are_all_reported_in_line_order() {
     let (yaml, _) = fixture("many_errors");
-    let errors = Config::parse(&yaml).unwrap_err().0;
+    let errors = Config::parse_with_env(&yaml, &fixture_env).unwrap_err().0;
     assert_eq!(errors.len(), 6);
     let lines: Vec<usize> = errors.iter().map(|e| e.line.unwrap()).collect();
     let mut sorted = lines.clone();
     sorted.sort();
     assert_eq!(lines, sorted);
 }
+
+/// The variable the shipped config.yaml names in `admin_token_env`.
+const SHIPPED_TOKEN_ENV: &str = "SHIFTGATE_ADMIN_TOKEN";
 
 fn shiftgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shiftgate"))
@@ -70,6 +89,7 @@ fn the_shipped_config_passes_check() {
     let out = shiftgate()
         .args(["check", "--config"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml"))
+        .env(SHIPPED_TOKEN_ENV, "t0ken")
         .output()
         .unwrap();
     assert_eq!(
@@ -107,12 +127,80 @@ fn check_exits_1_with_every_error_and_run_refuses_to_start() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("refusing to start"));
 }
 
+/// `admin_token_env` fails closed: a variable that is unset or empty makes `check` and `run` exit
+/// 1 naming it (`run` before it listens), set it and the same file passes.
+#[test]
+fn an_unset_or_empty_admin_token_variable_makes_check_and_run_exit_1_naming_it() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
+    let var = "SHIFTGATE_TEST_ADMIN_TOKEN_UNSET";
+    let path = dir.join("admin_token_unset.yaml");
+    for value in [None, Some("")] {
+        let with = |cmd: &mut Command| match value {
+            None => {
+                cmd.env_remove(var);
+            }
+            Some(v) => {
+                cmd.env(var, v);
+            }
+        };
+        let what = if value.is_none() { "unset" } else { "empty" };
+        let want = format!("admin_token_env: environment variable {var} is {what}");
+
+        let mut check = shiftgate();
+        check.args(["check", "--config"]).arg(&path);
+        with(&mut check);
+        let out = check.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "check, {what}: {stderr}");
+        assert!(stderr.contains("1 error(s)"), "{stderr}");
+        assert!(stderr.contains(&format!("{want} ")), "{stderr}");
+
+        let mut run = shiftgate();
+        run.args(["run", "--config"]).arg(&path);
+        with(&mut run);
+        let out = run.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "run, {what}: {stderr}");
+        assert!(stderr.contains("refusing to start"), "{stderr}");
+        assert!(stderr.contains(&want), "{stderr}");
+    }
+    let out = shiftgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env(var, "t0ken")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The shipped config asks for a token: without one it does not start either.
+    let out = shiftgate()
+        .args(["check", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml"))
+        .env_remove(SHIPPED_TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "admin_token_env: environment variable {SHIPPED_TOKEN_ENV} is unset"
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn config_path_defaults_to_the_environment_variable() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
     let out = shiftgate()
         .arg("check")
         .env("SHIFTGATE_CONFIG", &path)
+        .env(SHIPPED_TOKEN_ENV, "t0ken")
         .current_dir(std::env::temp_dir())
         .output()
         .unwrap();

@@ -1,10 +1,12 @@
 //! The deployment files under deploy/ read the way the tools that use them read them, and checked
 //! against the config they ship: the Kubernetes manifests parse and name themselves; the
 //! ConfigMap's config is one that the library and `shiftgate check` accept; the Deployment mounts
-//! it so that reloads reach the process, probes the admin port that config listens on and waits
-//! out its drain; the systemd unit reloads with SIGHUP and waits out the drain too; the image
-//! runs as a non-root user with the CA roots; the upgrade script is valid sh and agrees with the
-//! unit. Docker and a cluster are not needed: nothing is built or applied.
+//! it so that reloads reach the process, probes the admin port that config listens on, waits
+//! out its drain and requires the admin token's Secret; the NetworkPolicy keeps the admin port
+//! to the monitoring namespace and the proxy port open; the systemd unit reloads with SIGHUP and
+//! waits out the drain too; the image runs as a non-root user with the CA roots; the upgrade
+//! script is valid sh and agrees with the unit. Docker and a cluster are not needed: nothing is
+//! built or applied.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,18 +73,50 @@ fn seq<'a>(v: &'a Value, what: &str) -> &'a Vec<Value> {
         .unwrap_or_else(|| panic!("{what} should be a list, is {v:?}"))
 }
 
-/// The config text of the ConfigMap `shiftgate-config`, and that config parsed.
+/// A stand-in for a secret the deployment provides at run time (the admin token).
+const STAND_IN: &str = "stand-in-token";
+
+/// The names of the variables the Deployment's shiftgate container sets.
+fn container_env_names(docs: &[(String, Value)]) -> Vec<String> {
+    let container = shiftgate_container(manifest(docs, "Deployment", "shiftgate"));
+    container["env"]
+        .as_sequence()
+        .map(|env| {
+            env.iter()
+                .map(|e| text(&e["name"], "env name").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The config text of the ConfigMap `shiftgate-config`, and that config parsed in the
+/// environment the Deployment gives it: its variables set (to a stand-in), every other unset. So
+/// `admin_token_env` must name a variable the Deployment sets.
 fn configmap_config(docs: &[(String, Value)]) -> (String, Config) {
     let cm = manifest(docs, "ConfigMap", "shiftgate-config");
     let yaml = text(&cm["data"]["config.yaml"], "ConfigMap data.\"config.yaml\"").to_string();
-    let config = Config::parse(&yaml)
+    let names = container_env_names(docs);
+    let env = |name: &str| {
+        names
+            .iter()
+            .any(|n| n == name)
+            .then(|| STAND_IN.to_string())
+    };
+    let config = Config::parse_with_env(&yaml, &env)
         .unwrap_or_else(|e| panic!("the ConfigMap's config.yaml is rejected:\n{e}"));
     (yaml, config)
 }
 
+/// Every variable set (to a stand-in): the systemd unit's EnvironmentFile and `docker run -e`
+/// provide the admin token at run time.
+fn any_env(_: &str) -> Option<String> {
+    Some(STAND_IN.to_string())
+}
+
 /// The shipped config.yaml at the repository root (the systemd unit and the image use it).
 fn shipped_config() -> Config {
-    Config::parse(&read("config.yaml")).unwrap_or_else(|e| panic!("config.yaml is rejected:\n{e}"))
+    Config::parse_with_env(&read("config.yaml"), &any_env)
+        .unwrap_or_else(|e| panic!("config.yaml is rejected:\n{e}"))
 }
 
 /// The container named shiftgate of the Deployment's pod template.
@@ -173,12 +207,14 @@ fn configmap_config_passes_parse_and_shiftgate_check() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, &yaml).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let mut check = Command::new(env!("CARGO_BIN_EXE_shiftgate"));
+    check.arg("check").arg("--config").arg(&path);
+    // The Deployment's environment: its variables (the admin token's among them), no other.
+    check.env_clear();
+    for name in container_env_names(&docs) {
+        check.env(name, STAND_IN);
+    }
+    let out = check.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("shiftgate check: {}", stdout.trim());
@@ -232,7 +268,7 @@ fn configmap_budgets_are_the_shipped_ones_divided_by_the_replicas() {
 /// where `--config` points, probes /readyz and /healthz on the port the config's admin_listen
 /// uses, serves the config's listen port as `http`, gives SIGTERM more time than the preStop
 /// pause, the drain and 5 s of answers together, runs as non-root on a read-only root, and takes
-/// the admin token from an optional Secret under the name admin_token_env gives.
+/// the admin token from a Secret that is not optional, under the name admin_token_env gives.
 #[test]
 fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
     let docs = k8s_documents();
@@ -332,10 +368,11 @@ fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
         Some(true)
     );
 
-    // The admin token, from an optional Secret, under the name the config reads.
+    // The admin token, from a Secret, under the name the config reads.
     let token_env = config
-        .admin_token_env
-        .as_deref()
+        .admin_token
+        .as_ref()
+        .map(|t| t.env.as_str())
         .expect("admin_token_env in the ConfigMap's config");
     let env = seq(&container["env"], "env")
         .iter()
@@ -346,10 +383,12 @@ fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
         secret["name"].as_str().is_some(),
         "{token_env} from a Secret"
     );
-    assert_eq!(
+    // Not optional: without the Secret the pod does not start (CreateContainerConfigError names
+    // it), rather than start with the variable unset and exit 1 in a restart loop.
+    assert_ne!(
         secret["optional"].as_bool(),
         Some(true),
-        "the Secret is optional"
+        "the admin token's Secret must not be optional"
     );
 }
 
@@ -389,6 +428,102 @@ fn service_and_podmonitor_use_the_container_ports() {
         resolve_port(container, &endpoint["port"]),
         config.admin_listen.port(),
         "the PodMonitor scrapes the admin port"
+    );
+}
+
+/// The label the NetworkPolicy asks the pods that watch the admin port to carry, and the
+/// namespace it admits them from (deploy/kubernetes/networkpolicy.yaml and deploy/README.md).
+const ADMIN_ACCESS_LABEL: (&str, &str) = ("shiftgate/admin-access", "true");
+const MONITORING_NAMESPACE: &str = "monitoring";
+
+/// The NetworkPolicy selects the Deployment's pods and filters their ingress: the proxy port
+/// (the config's listen) is open to every client, the admin port (admin_listen: /metrics,
+/// /status, POST /-/reload) only to pods with [`ADMIN_ACCESS_LABEL`] in the namespace
+/// [`MONITORING_NAMESPACE`]; no rule opens every port.
+#[test]
+fn networkpolicy_admits_the_admin_port_only_from_monitoring_and_leaves_the_proxy_port_open() {
+    let docs = k8s_documents();
+    let (_, config) = configmap_config(&docs);
+    let deployment = manifest(&docs, "Deployment", "shiftgate");
+    let container = shiftgate_container(deployment);
+    let policy = manifest(&docs, "NetworkPolicy", "shiftgate");
+    let spec = &policy["spec"];
+
+    // It applies to the shiftgate pods.
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selector = spec["podSelector"]["matchLabels"]
+        .as_mapping()
+        .expect("podSelector.matchLabels");
+    assert!(
+        !selector.is_empty(),
+        "an empty podSelector selects every pod"
+    );
+    for (k, v) in selector {
+        assert_eq!(&pod_labels[k], v, "the pod template has the label {k:?}");
+    }
+    let types: Vec<&str> = seq(&spec["policyTypes"], "policyTypes")
+        .iter()
+        .map(|t| text(t, "a policy type"))
+        .collect();
+    assert!(types.contains(&"Ingress"), "policyTypes: {types:?}");
+
+    let (http, admin) = (config.listen.port(), config.admin_listen.port());
+    let mut http_open_to_all = false;
+    let mut admin_rules = 0;
+    for (i, rule) in seq(&spec["ingress"], "ingress").iter().enumerate() {
+        let ports: Vec<u16> = seq(&rule["ports"], "ingress ports (none: every port)")
+            .iter()
+            .map(|p| {
+                assert_ne!(p["protocol"].as_str(), Some("UDP"), "ingress[{i}]");
+                resolve_port(container, &p["port"])
+            })
+            .collect();
+        let from = rule["from"].as_sequence();
+        if ports.contains(&http) && from.is_none_or(|f| f.is_empty()) {
+            http_open_to_all = true;
+        }
+        if !ports.contains(&admin) {
+            continue;
+        }
+        admin_rules += 1;
+        assert!(
+            !ports.contains(&http),
+            "ingress[{i}] admits the admin port: it must not be the proxy port's rule"
+        );
+        let from = from
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| panic!("ingress[{i}] admits the admin port from everywhere"));
+        for (j, peer) in from.iter().enumerate() {
+            let at = format!("ingress[{i}].from[{j}]");
+            assert!(
+                peer["ipBlock"].is_null(),
+                "{at}: no ipBlock to the admin port"
+            );
+            assert_eq!(
+                peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(),
+                Some(MONITORING_NAMESPACE),
+                "{at}: the monitoring namespace only"
+            );
+            let pods = peer["podSelector"]["matchLabels"]
+                .as_mapping()
+                .unwrap_or_else(|| panic!("{at}: a podSelector, in the same entry"));
+            assert_eq!(pods.len(), 1, "{at}: one label to set");
+            let (key, value) = ADMIN_ACCESS_LABEL;
+            assert_eq!(
+                pods.get(key).and_then(Value::as_str),
+                Some(value),
+                "{at}: the label deploy/README.md tells to set"
+            );
+        }
+    }
+    assert!(
+        http_open_to_all,
+        "the proxy port {http} stays open to every client"
+    );
+    assert_eq!(admin_rules, 1, "one rule admits the admin port {admin}");
+    println!(
+        "NetworkPolicy: port {http} from anywhere; port {admin} from pods labelled {}={} in namespace {MONITORING_NAMESPACE}",
+        ADMIN_ACCESS_LABEL.0, ADMIN_ACCESS_LABEL.1
     );
 }
 
@@ -458,7 +593,8 @@ fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
     assert_eq!(one("PIDFile"), "/run/shiftgate/shiftgate.pid");
     assert!(
         one("EnvironmentFile").starts_with('-'),
-        "EnvironmentFile is optional"
+        "EnvironmentFile is optional: without it shiftgate itself refuses a config whose \
+         admin_token_env names an unset variable, and says which"
     );
 
     let stop = unit_seconds(one("TimeoutStopSec"));
@@ -625,7 +761,7 @@ fn dockerfile_runtime_is_non_root_with_ca_certificates() {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let config = Config::parse(&image_config)
+    let config = Config::parse_with_env(&image_config, &any_env)
         .unwrap_or_else(|e| panic!("the image's config is rejected:\n{e}"));
     assert_eq!(config.admin_listen, "0.0.0.0:9090".parse().unwrap());
 }

@@ -61,7 +61,7 @@ fn config(presence_rate: &str, presence_max_wait: &str) -> ProxyConfig {
             budgets: [per-token]
             "#,
         )
-        .yaml("admin_token_env: SHIFTGATE_ADMIN_TOKEN\nretry:\n  backoff_base: \"100ms\"")
+        .yaml("retry:\n  backoff_base: \"100ms\"")
 }
 
 /// Genesys's 429 on every presence PATCH, `Retry-After: 1`, from `start` for `duration`.
@@ -817,8 +817,13 @@ async fn admin_endpoints_answer_and_no_token_shows_in_pages_metrics_or_log() {
     let emu = emulator("token_rate_per_minute: 0\n").await;
     let admin_token = format!("obs-admin-{}", uuid::Uuid::new_v4().simple());
     // Everything of shiftgate's own at debug, access lines included: the most a log can hold.
+    // The reload needs a token: the config names its variable (and the proxy would refuse to
+    // start without it set).
     let proxy = ProxyProcess::start_with(
-        &config("20/s", "60s"),
+        &format!(
+            "admin_token_env: SHIFTGATE_ADMIN_TOKEN\n{}",
+            config("20/s", "60s")
+        ),
         emu.local_addr(),
         &[
             ("SHIFTGATE_ADMIN_TOKEN", admin_token.as_str()),

@@ -62,10 +62,7 @@ procs=$CGROUP_ROOT$cgroup/cgroup.procs                 # cgroup v2
 # shellcheck disable=SC2015
 [ -n "$cgroup" ] && [ -e "$procs" ] || die "control group of $UNIT not found"
 
-# 2. The new binary must accept the config (it would refuse to start otherwise).
-"$BIN" check --config "$CONFIG" >/dev/null || die "$BIN rejects $CONFIG: nothing changed"
-
-# 3. The environment systemd gave the old process, one VAR=value per argument of `env -i`
+# 2. The environment systemd gave the old process, one VAR=value per argument of `env -i`
 #    (values spanning several lines are not supported). JOURNAL_STREAM is left out: it
 #    described the old process's stderr; systemd-cat sets up a new one.
 tmp=$(mktemp -d)
@@ -78,6 +75,10 @@ while IFS= read -r var; do
     *) set -- "$@" "$var" ;;
     esac
 done <"$tmp/environ"
+
+# 3. The new binary must accept the config (it would refuse to start otherwise), in that
+#    environment: the admin token's variable (admin_token_env) is there, not in this shell.
+env -i "$@" "$BIN" check --config "$CONFIG" >/dev/null || die "$BIN rejects $CONFIG: nothing changed"
 
 # 4. Start the new process in a session of its own (it outlives this script, no terminal signal
 #    reaches it). Every step execs the next, so the PID that sh writes is shiftgate's:

@@ -65,7 +65,8 @@ impl fmt::Display for ConfigErrors {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub admin_token_env: Option<String>,
+    /// The token `POST /-/reload` requires: set exactly when `admin_token_env` is.
+    pub admin_token: Option<AdminToken>,
     pub upstreams: Vec<Upstream>,
     pub budgets: Vec<BudgetSpec>,
     pub routes: Vec<RouteSpec>,
@@ -78,6 +79,58 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// Reload when the config file changes (SIGHUP and `POST /-/reload` always work).
     pub watch_file: bool,
+}
+
+/// The admin token, read when the config is loaded from the variable `admin_token_env` names.
+///
+/// Only its SHA-256 is kept, so no `Debug`, log line or core dump shows it, and comparing
+/// digests in constant time leaks neither the token's bytes nor its length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    /// The variable it was read from, for people.
+    pub env: String,
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// A token whose value is `value`, read from the variable `env`.
+    pub fn new(env: impl Into<String>, value: &str) -> AdminToken {
+        AdminToken {
+            env: env.into(),
+            digest: sha256(value.as_bytes()),
+        }
+    }
+
+    /// Whether `given` is the token, in time that does not depend on where they differ.
+    ///
+    /// ```
+    /// use shiftgate::config::AdminToken;
+    ///
+    /// let t = AdminToken::new("SHIFTGATE_ADMIN_TOKEN", "s3cret");
+    /// assert!(t.matches(b"s3cret"));
+    /// assert!(!t.matches(b"s3cre") && !t.matches(b"s3cret2") && !t.matches(b""));
+    /// ```
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let given = sha256(given);
+        self.digest
+            .iter()
+            .zip(&given)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("env", &self.env)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,7 +364,8 @@ pub struct ClusterSettings {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file; `admin_token_env` is looked up in the process's
+    /// environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
@@ -323,11 +377,23 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates config text, reporting every error found.
+    /// Parses and validates config text, reporting every error found; `admin_token_env` is
+    /// looked up in the process's environment.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse_with_env(text, &process_env)
+    }
+
+    /// [`Config::parse`] with the environment given as a lookup (`None`: the variable is
+    /// unset), so that a test does not depend on the environment of the process it runs in.
+    pub fn parse_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let lines = LineIndex::build(text);
         let (raw, errors) = raw::parse(text, &lines).map_err(finish)?;
-        Validator::new(&lines, errors).config(raw).map_err(finish)
+        Validator::new(&lines, errors, env)
+            .config(raw)
+            .map_err(finish)
     }
 
     /// The keys that a reload cannot change in a running process, among those that differ in
@@ -403,6 +469,12 @@ const RESTART_ONLY: [RestartOnly; 5] = [
         keep: |new, running| new.log = running.log.clone(),
     },
 ];
+
+/// A variable of the process's environment. A value that is not UTF-8 is kept, its bad bytes
+/// replaced, so that validation says what is wrong with it instead of calling it unset.
+fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
 
 /// The errors in line order; those without a line last, equal lines in the order found.
 fn finish(mut errors: Vec<ConfigError>) -> ConfigErrors {
@@ -480,6 +552,29 @@ mod tests {
         assert!(running.restart_needed(&new).is_empty());
         // The rest applies.
         assert_eq!(new.queue.max_depth, 3);
+    }
+
+    #[test]
+    fn the_admin_token_is_read_from_the_variable_admin_token_env_names_and_never_shown() {
+        let text = format!("{MINIMAL}admin_token_env: ADMIN_T\n");
+        let env = |name: &str| (name == "ADMIN_T").then(|| "s3cret".to_string());
+        let c = Config::parse_with_env(&text, &env).unwrap();
+        let token = c.admin_token.as_ref().expect("a token");
+        assert_eq!(token.env, "ADMIN_T");
+        assert!(token.matches(b"s3cret"));
+        assert!(!token.matches(b"s3cret\n"));
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
+        // Without admin_token_env no variable is looked at, and there is no token.
+        let c = Config::parse_with_env(MINIMAL, &|_: &str| panic!("looked up")).unwrap();
+        assert!(c.admin_token.is_none());
+        // Unset, empty or not sendable: an error (fixtures in tests/config_errors.rs).
+        for value in [None, Some(""), Some("s3cret\n"), Some("s3 cret")] {
+            let env = |_: &str| value.map(str::to_string);
+            let e = Config::parse_with_env(&text, &env).unwrap_err().0;
+            assert_eq!(e.len(), 1, "{value:?}: {e:?}");
+            assert_eq!(e[0].path, "admin_token_env");
+            assert!(e[0].message.contains("ADMIN_T"), "{e:?}");
+        }
     }
 
     #[test]

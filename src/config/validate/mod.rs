@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::lines::{LineIndex, YamlPath};
 use super::raw::{RawCluster, RawConfig, RawLimits, RawLog, RawQueue, RawRetry, RawShutdown};
 use super::{
-    parse_duration, ClusterSettings, Config, ConfigError, Limits, LogFormat, LogSettings, On5xx,
-    QueueSettings, RetrySettings, ShutdownSettings, MAX_ATTEMPTS_CAP,
+    parse_duration, AdminToken, ClusterSettings, Config, ConfigError, Limits, LogFormat,
+    LogSettings, On5xx, QueueSettings, RetrySettings, ShutdownSettings, MAX_ATTEMPTS_CAP,
 };
 use routes::Names;
 
@@ -19,12 +19,18 @@ mod routes;
 pub(super) struct Validator<'a> {
     lines: &'a LineIndex,
     errors: Vec<ConfigError>,
+    /// The environment `admin_token_env` is looked up in.
+    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl<'a> Validator<'a> {
     /// Starts from the errors already found (unknown keys).
-    pub(super) fn new(lines: &'a LineIndex, errors: Vec<ConfigError>) -> Validator<'a> {
-        Validator { lines, errors }
+    pub(super) fn new(
+        lines: &'a LineIndex,
+        errors: Vec<ConfigError>,
+        env: &'a dyn Fn(&str) -> Option<String>,
+    ) -> Validator<'a> {
+        Validator { lines, errors, env }
     }
 
     /// Validates every section, or returns every error (those it started with included).
@@ -34,6 +40,10 @@ impl<'a> Validator<'a> {
     /// `queue.max_wait`.
     pub(super) fn config(mut self, raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         let (listen, admin_listen) = self.listeners(&raw);
+        let admin_token = raw
+            .admin_token_env
+            .as_deref()
+            .and_then(|name| self.admin_token(name));
         let upstreams = self.upstreams(&raw.upstreams);
         let budgets = self.budgets(&raw.budgets);
         let queue = self.queue(&raw.queue);
@@ -57,7 +67,7 @@ impl<'a> Validator<'a> {
         Ok(Config {
             listen,
             admin_listen,
-            admin_token_env: raw.admin_token_env,
+            admin_token,
             upstreams,
             budgets,
             routes,
@@ -72,7 +82,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    /// `listen`, `admin_listen` and `admin_token_env`.
+    /// `listen` and `admin_listen`.
     fn listeners(&mut self, raw: &RawConfig) -> (SocketAddr, SocketAddr) {
         let listen = self.socket(&YamlPath::top("listen"), &raw.listen);
         let admin_at = YamlPath::top("admin_listen");
@@ -83,15 +93,31 @@ impl<'a> Validator<'a> {
         if raw.admin_listen.is_some() && listen == admin_listen {
             self.err(&admin_at, "must differ from listen");
         }
-        if let Some(env) = &raw.admin_token_env {
-            if env.is_empty() {
-                self.err(
-                    &YamlPath::top("admin_token_env"),
-                    "must name an environment variable",
-                );
-            }
-        }
         (listen, admin_listen)
+    }
+
+    /// `admin_token_env`: the variable it names must hold a token. Fail closed: a config that
+    /// asks for a token but whose variable is unset or empty (a Secret not mounted, a typo in
+    /// the name) is an error, never a reload endpoint without a token. A value that a header
+    /// cannot carry is one too: no request could ever match it.
+    fn admin_token(&mut self, name: &str) -> Option<AdminToken> {
+        let at = YamlPath::top("admin_token_env");
+        // The OS takes no name with `=` or NUL (and std may panic on one).
+        if name.is_empty() || name.contains(['=', '\0']) {
+            self.err(&at, "must name an environment variable");
+            return None;
+        }
+        const WHY: &str = "(POST /-/reload requires its value as the token)";
+        let problem = match (self.env)(name) {
+            None => format!("is unset {WHY}"),
+            Some(v) if v.is_empty() => format!("is empty {WHY}"),
+            Some(v) if !v.bytes().all(|b| b.is_ascii_graphic()) => "holds a space, control or \
+                 non-ASCII character, which a bearer token cannot (a trailing newline?)"
+                .to_string(),
+            Some(v) => return Some(AdminToken::new(name, &v)),
+        };
+        self.err(&at, format!("environment variable {name} {problem}"));
+        None
     }
 
     fn queue(&mut self, raw: &RawQueue) -> QueueSettings {
