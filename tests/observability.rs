@@ -820,10 +820,7 @@ async fn admin_endpoints_answer_and_no_token_shows_in_pages_metrics_or_log() {
     // The reload needs a token: the config names its variable (and the proxy would refuse to
     // start without it set).
     let proxy = ProxyProcess::start_with(
-        &format!(
-            "admin_token_env: SHIFTGATE_ADMIN_TOKEN\n{}",
-            config("20/s", "60s")
-        ),
+        &config("20/s", "60s").yaml("admin_token_env: SHIFTGATE_ADMIN_TOKEN"),
         emu.local_addr(),
         &[
             ("SHIFTGATE_ADMIN_TOKEN", admin_token.as_str()),

@@ -10,29 +10,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use common::prom::metric_value;
 use common::*;
 use http::Method;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-const CONFIG: &str = r#"
-listen: "@LISTEN@"
-admin_listen: "@ADMIN@"
-upstreams:
-  api: { url: "http://@EMU@" }
-budgets:
-  presence: { rate: "100/s" }
-  per-token: { rate: "1/s", per: token }
-routes:
-  - name: presence
-    match: { method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}" }
-    budgets: [presence]
-  - name: routing-status
-    match: { method: PUT, path: "/api/v2/users/{userId}/routingstatus" }
-    budgets: [per-token]
-  - name: default
-    match: { path: "/**" }
-"#;
+/// A presence route on a global budget, routing status on a per-token one, the rest unpaced.
+fn config() -> ProxyConfig {
+    ProxyConfig::new()
+        .budget("presence", r#"{ rate: "100/s" }"#)
+        .budget("per-token", r#"{ rate: "1/s", per: token }"#)
+        .route(
+            r#"{ name: presence, match: { method: PATCH, path: "/api/v2/users/{userId}/presences/{sourceId}" }, budgets: [presence] }"#,
+        )
+        .route(
+            r#"{ name: routing-status, match: { method: PUT, path: "/api/v2/users/{userId}/routingstatus" }, budgets: [per-token] }"#,
+        )
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+}
 
 const PRESENCE: &str = r#"{"presenceDefinition":{"id":"6a3af858-942f-489d-9700-5f9bcdcdae9b"}}"#;
 
@@ -136,7 +132,7 @@ fn wait_ms(a: &shiftgate::loadtest::client::Answer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_spelled_otherwise_is_charged_to_its_route_and_forwarded_normalised() {
     let upstream = Recorder::start().await;
-    let proxy = ProxyProcess::start(CONFIG, upstream.addr).await;
+    let proxy = ProxyProcess::start(&config(), upstream.addr).await;
 
     // Before normalising, each of these matched `default` and skipped the presence budget.
     let spellings = [
@@ -146,13 +142,13 @@ async fn a_path_spelled_otherwise_is_charged_to_its_route_and_forwarded_normalis
         "/api/v2/users/%75/presences/%70ure%63loud",
     ];
     for path in spellings {
-        let a = send_as(proxy.addr, Method::PATCH, path, "Bearer a", PRESENCE).await;
+        let a = send_as(proxy.addr(), Method::PATCH, path, "Bearer a", PRESENCE).await;
         assert_eq!(a.status, 200, "{path}");
         assert!(header(&a, "X-Shiftgate-Wait-Ms").is_some());
     }
     // The query string is forwarded as it came, escapes and all.
     let a = send_as(
-        proxy.addr,
+        proxy.addr(),
         Method::PATCH,
         "//api/v2/users/u/presences/purecloud?note=a%2Fb//c",
         "Bearer a",
@@ -182,7 +178,7 @@ async fn a_path_spelled_otherwise_is_charged_to_its_route_and_forwarded_normalis
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_that_climbs_above_the_root_is_refused_with_400() {
     let upstream = Recorder::start().await;
-    let proxy = ProxyProcess::start(CONFIG, upstream.addr).await;
+    let proxy = ProxyProcess::start(&config(), upstream.addr).await;
 
     for path in [
         "/api/../../x",
@@ -190,13 +186,13 @@ async fn a_path_that_climbs_above_the_root_is_refused_with_400() {
         "/..",
         "/api/v2/users/%zz/presences/purecloud",
     ] {
-        let a = get(proxy.addr, path).await.unwrap();
+        let a = get(proxy.addr(), path).await.unwrap();
         let v = assert_own_answer(&a, 400, "shiftgate.bad.request");
         let msg = v["message"].as_str().unwrap();
         assert!(msg.contains("cannot be used"), "{path}: {msg}");
     }
     // A dot segment that stays inside the root is fine.
-    let a = get(proxy.addr, "/api/v2/../v2/users").await.unwrap();
+    let a = get(proxy.addr(), "/api/v2/../v2/users").await.unwrap();
     assert_eq!(a.status, 200);
     assert_eq!(upstream.targets(), ["/api/v2/users"], "only that one left");
 
@@ -207,9 +203,9 @@ async fn a_path_that_climbs_above_the_root_is_refused_with_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_spelling_of_a_bearer_token_is_one_token_bucket() {
     let upstream = Recorder::start().await;
-    let proxy = ProxyProcess::start(CONFIG, upstream.addr).await;
+    let proxy = ProxyProcess::start(&config(), upstream.addr).await;
     let put = |auth: &'static str| {
-        let addr = proxy.addr;
+        let addr = proxy.addr();
         async move {
             send_as(
                 addr,
