@@ -141,6 +141,15 @@ impl Proxy {
 
     /// The buckets a request of `route` is charged to.
     fn buckets(&self, session: &Session, cfg: &Config, route: &RouteSpec) -> Vec<BucketKey> {
+        let headers = &session.req_header().headers;
+        let header = |name: &str| headers.get(name).map_or(&[][..], |v| v.as_bytes());
+        let client_ip = || {
+            let ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            ip.map(|ip| ip.to_string()).unwrap_or_default()
+        };
         route
             .budgets
             .iter()
@@ -148,30 +157,9 @@ impl Proxy {
                 let b = &cfg.budgets[i];
                 let key = match &b.per {
                     Per::Global => None,
-                    Per::Token => Some(token_key(
-                        session
-                            .req_header()
-                            .headers
-                            .get(http::header::AUTHORIZATION)
-                            .map(|v| v.as_bytes())
-                            .unwrap_or_default(),
-                    )),
-                    Per::ClientIp => {
-                        let ip = session
-                            .client_addr()
-                            .and_then(|a| a.as_inet())
-                            .map(|a| a.ip().to_string())
-                            .unwrap_or_default();
-                        Some(key_hash(ip.as_bytes()))
-                    }
-                    Per::Header(h) => Some(key_hash(
-                        session
-                            .req_header()
-                            .headers
-                            .get(h.as_str())
-                            .map(|v| v.as_bytes())
-                            .unwrap_or_default(),
-                    )),
+                    Per::Token => Some(token_key(header("authorization"))),
+                    Per::ClientIp => Some(key_hash(client_ip().as_bytes())),
+                    Per::Header(h) => Some(key_hash(header(h))),
                 };
                 self.state.pacer().bucket_key(&b.name, key)
             })
