@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::pacer::Rejection;
+
 /// The message of `503 shiftgate.shutting.down`.
 pub const SHUTTING_DOWN: &str = "shiftgate is shutting down; try again";
 
@@ -106,6 +108,26 @@ impl LocalResponse {
     pub fn retry_after(mut self, wait: Duration) -> LocalResponse {
         self.retry_after = Some(crate::genesys::retry_after_secs(wait));
         self
+    }
+
+    /// The answer to a request the queue would not take: its slot would start too late, or
+    /// too many wait already. `Retry-After` is when a slot is predicted to be free.
+    pub fn refused(route: &str, max_wait: Duration, rejection: &Rejection) -> LocalResponse {
+        let (reason, message) = match *rejection {
+            Rejection::TooLong { wait } => (
+                Reason::QueueWait,
+                format!(
+                    "route {route} is saturated: a slot would start in {:.1} s, more than the {} s allowed",
+                    wait.as_secs_f64(),
+                    max_wait.as_secs_f64()
+                ),
+            ),
+            Rejection::Full { depth, .. } => (
+                Reason::QueueFull,
+                format!("{depth} requests are waiting already; try again later"),
+            ),
+        };
+        LocalResponse::new(reason, message).retry_after(rejection.retry_after())
     }
 
     /// The JSON body.

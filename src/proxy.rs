@@ -26,7 +26,7 @@ use crate::config::{Config, Per, RouteSpec};
 use crate::digest::{key_hash, token_key};
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
-use crate::pacer::{BucketKey, Demand, Rejection, Ticket};
+use crate::pacer::{BucketKey, Demand, Ticket};
 use crate::retry::{self, Attempt, Outcome, Verdict};
 use crate::route::{find_route, hop_by_hop_headers, normalize_path, upstream_path};
 use crate::state::{ActiveRequest, State};
@@ -164,6 +164,15 @@ impl Proxy {
                 self.state.pacer().bucket_key(&b.name, key)
             })
             .collect()
+    }
+
+    /// Reads the whole request body now (it fits the replay buffer).
+    async fn read_body_up_front(session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
+            ctx.body_bytes += chunk.len();
+        }
+        ctx.body_read_up_front = true;
+        Ok(())
     }
 
     /// Waits for `fut`, unless the client goes away first (then `None`). Only possible once the
@@ -349,52 +358,47 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         }
         // Read a body that fits the replay buffer now: Pingora replays it on every attempt,
-        // and with the body read we can watch the connection for a client that leaves.
+        // and with the body read we can watch the connection for a client that leaves. A client
+        // that sent `Expect: 100-continue` waits for our word first: it gets it once admitted
+        // (or its final answer at once).
+        let expects_continue = req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         session.as_downstream_mut().enable_retry_buffering();
-        if declared.is_some_and(|n| n > 0 && n <= REPLAY_BUFFER_BYTES) {
-            while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
-                ctx.body_bytes += chunk.len();
-            }
-            ctx.body_read_up_front = true;
+        let up_front = declared.is_some_and(|n| n > 0 && n <= REPLAY_BUFFER_BYTES);
+        if up_front && !expects_continue {
+            Self::read_body_up_front(session, ctx).await?;
         }
 
         ctx.buckets = self.buckets(session, &cfg, route);
-        if ctx.buckets.is_empty() {
-            return Ok(false);
-        }
-        let demand = Demand {
-            buckets: ctx.buckets.clone(),
-            priority: route.priority,
-            max_wait: route.max_wait,
-            retry: false,
-            not_after: None,
-        };
-        match self.state.pacer().admit(demand) {
-            Ok(ticket) => {
-                self.enter_queue(ctx, ticket, &route.name);
-                Ok(false)
-            }
-            Err(rejection) => {
-                let (reason, msg) = match rejection {
-                    Rejection::TooLong { wait } => (
-                        Reason::QueueWait,
-                        format!(
-                            "route {} is saturated: a slot would start in {:.1} s, more than the {} s allowed",
-                            route.name,
-                            wait.as_secs_f64(),
-                            route.max_wait.as_secs_f64()
-                        ),
-                    ),
-                    Rejection::Full { depth, .. } => (
-                        Reason::QueueFull,
-                        format!("{depth} requests are waiting already; try again later"),
-                    ),
-                };
-                let a = LocalResponse::new(reason, msg).retry_after(rejection.retry_after());
-                self.answer(session, ctx, a).await;
-                Ok(true)
+        if !ctx.buckets.is_empty() {
+            let demand = Demand {
+                buckets: ctx.buckets.clone(),
+                priority: route.priority,
+                max_wait: route.max_wait,
+                retry: false,
+                not_after: None,
+            };
+            match self.state.pacer().admit(demand) {
+                Ok(ticket) => self.enter_queue(ctx, ticket, &route.name),
+                Err(rejection) => {
+                    let a = LocalResponse::refused(&route.name, route.max_wait, &rejection);
+                    self.answer(session, ctx, a).await;
+                    return Ok(true);
+                }
             }
         }
+        if expects_continue {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
+            if up_front {
+                Self::read_body_up_front(session, ctx).await?;
+            }
+        }
+        Ok(false)
     }
 
     /// Counts the body while it streams (bodies not read up front) against the limit.
@@ -585,6 +589,8 @@ impl ProxyHttp for Proxy {
         for h in &hop_by_hop {
             upstream_request.remove_header(h.as_str());
         }
+        // Answered here (`100 Continue` once admitted): the body is on its way already.
+        upstream_request.remove_header("expect");
         upstream_request.insert_header("Host", upstream.host_header())?;
         Ok(())
     }

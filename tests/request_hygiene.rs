@@ -1,7 +1,8 @@
 //! Requests spelled to slip past a budget, end to end: the real binary in front of an upstream
 //! that records every request it receives. A path is matched and forwarded in its normal form
 //! (so `//api/...` is charged to the route of `/api/...`), a path that climbs above the root is
-//! refused, and every spelling of one bearer token is one `per: token` bucket.
+//! refused, every spelling of one bearer token is one `per: token` bucket, and a client that
+//! sends `Expect: 100-continue` hears `100 Continue` once admitted, or its final answer at once.
 
 mod common;
 
@@ -26,6 +27,9 @@ fn config() -> ProxyConfig {
         )
         .route(
             r#"{ name: routing-status, match: { method: PUT, path: "/api/v2/users/{userId}/routingstatus" }, budgets: [per-token] }"#,
+        )
+        .route(
+            r#"{ name: tight, match: { method: POST, path: "/api/v2/tight/**" }, budgets: [per-token], max_wait: "500ms" }"#,
         )
         .route(r#"{ name: default, match: { path: "/**" } }"#)
 }
@@ -251,4 +255,77 @@ async fn every_spelling_of_a_bearer_token_is_one_token_bucket() {
         .collect();
     sent.sort();
     assert_eq!(sent, ["BEARER x", "Bearer x", "Bearer y", "bearer  x"]);
+}
+
+/// Sends a request head with `Expect: 100-continue` and a body of `body.len()` bytes, and reads
+/// what comes back within a second: the interim `100 Continue`, or a final answer.
+async fn expect_continue(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{head}\r\nHost: shiftgate\r\nAuthorization: Bearer expects\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    (s, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_hears_continue_once_admitted_or_its_final_answer_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Recorder::start().await;
+    let proxy = ProxyProcess::start(&config(), upstream.addr).await;
+
+    // Admitted: `100 Continue` before the body is sent, then the upstream's answer.
+    let (mut s, interim) = expect_continue(
+        proxy.addr(),
+        "PATCH /api/v2/users/u/presences/purecloud HTTP/1.1",
+        PRESENCE,
+    )
+    .await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100"),
+        "before the body: {interim:?}"
+    );
+    s.write_all(PRESENCE.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&rest).contains("\r\n\r\n{}") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the final answer")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&rest));
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
+    assert_eq!(upstream.seen().last().unwrap().method, "PATCH");
+
+    // Not admitted: the token's one slot a second is taken, and this route waits 500 ms at most;
+    // the 429 comes at once, with no `100 Continue` first and no body read.
+    let a = send_as(
+        proxy.addr(),
+        Method::POST,
+        "/api/v2/tight/x",
+        "Bearer expects",
+        "{}",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let (_s, answer) = expect_continue(proxy.addr(), "POST /api/v2/tight/y HTTP/1.1", "{}").await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
+    assert!(answer.contains("Retry-After:"), "{answer:?}");
 }
