@@ -61,7 +61,7 @@ impl Gcra {
 
     /// Takes one slot at `now` (the caller checked [`Gcra::conforms`]).
     pub fn take(&mut self, now: Nanos, limit: &Limit) {
-        self.tat = self.tat.max(now) + limit.interval;
+        self.tat = self.tat.max(now).saturating_add(limit.interval);
     }
 
     /// Gives back a slot taken and not used (a client left between grant and send).
@@ -75,7 +75,10 @@ impl Gcra {
     /// Start time of the `n`-th request that would queue behind the current state
     /// (`n = 0`: the next one), if nothing else happened: `max(now, max(tat, now) + n·T − τ)`.
     pub fn predict(&self, now: Nanos, n: u64, limit: &Limit) -> Nanos {
-        let base = self.tat.max(now) + n.saturating_mul(limit.interval);
+        let base = self
+            .tat
+            .max(now)
+            .saturating_add(n.saturating_mul(limit.interval));
         base.saturating_sub(limit.tolerance).max(now)
     }
 

@@ -51,6 +51,7 @@ fixtures!(
     duplicate_route,
     bad_rate,
     bad_duration,
+    absurd_values,
     bad_path_template,
     bad_burst,
     bad_per,

@@ -202,9 +202,13 @@ impl Rate {
                 ))
             }
         };
-        Ok(Rate {
-            per_second: n / seconds,
-        })
+        let per_second = n / seconds;
+        if !(MIN_RATE_PER_SECOND..=MAX_RATE_PER_SECOND).contains(&per_second) {
+            return Err(format!(
+                "invalid rate \"{s}\": at least 1 a day (0.0417/h) and at most {MAX_RATE_PER_SECOND}/s"
+            ));
+        }
+        Ok(Rate { per_second })
     }
 }
 
@@ -482,10 +486,25 @@ fn finish(mut errors: Vec<ConfigError>) -> ConfigErrors {
     ConfigErrors(errors)
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h` (and combinations humantime accepts).
+/// The longest duration any key takes: waits and timeouts of a request path, where a day is
+/// already far past any use (and longer ones would overflow the clock arithmetic).
+pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// The slowest rate a budget takes: one a day.
+pub const MIN_RATE_PER_SECOND: f64 = 1.0 / 86_400.0;
+
+/// The fastest rate a budget takes (1 µs apart).
+pub const MAX_RATE_PER_SECOND: f64 = 1_000_000.0;
+
+/// Parses `500ms`, `30s`, `2m`, `1h` (and combinations humantime accepts), at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|_| format!("invalid duration \"{s}\": use e.g. 500ms, 30s, 2m or 1h"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|_| format!("invalid duration \"{s}\": use e.g. 500ms, 30s, 2m or 1h"))?;
+    if d > MAX_DURATION {
+        return Err(format!("invalid duration \"{s}\": at most 24h"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -586,5 +605,81 @@ mod tests {
         assert!(Rate::parse("-1/s").is_err());
         assert!(Rate::parse("10/day").is_err());
         assert!(Rate::parse("ten/s").is_err());
+    }
+
+    mod never_panics {
+        //! The loader answers every input with a config or its errors, never a panic. Cases
+        //! are modest in CI; a long run: `PROPTEST_CASES=100000 cargo test --lib never_panics`.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A scalar as a hostile file might hold one: numbers huge, tiny, negative or not
+        /// numbers at all, durations and rates with any unit, odd strings.
+        fn scalar() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|f| format!("{f}")),
+                (
+                    any::<u64>(),
+                    prop_oneof![
+                        Just("ms"),
+                        Just("s"),
+                        Just("m"),
+                        Just("h"),
+                        Just("d"),
+                        Just("y")
+                    ]
+                )
+                    .prop_map(|(n, u)| format!("\"{n}{u}\"")),
+                (
+                    any::<f64>(),
+                    prop_oneof![Just("/s"), Just("/min"), Just("/h"), Just("/x"), Just("")]
+                )
+                    .prop_map(|(n, u)| format!("\"{n}{u}\"")),
+                "[ -~]{0,12}".prop_map(|t| format!("{t:?}")),
+                Just("~".to_string()),
+                Just("[]".to_string()),
+                Just("{}".to_string()),
+            ]
+        }
+
+        /// The minimal config with one key set to a hostile scalar.
+        fn config_with_one_hostile_value() -> impl Strategy<Value = String> {
+            let keys = prop_oneof![
+                Just("queue:\n  max_wait: "),
+                Just("queue:\n  max_depth: "),
+                Just("queue:\n  aging: "),
+                Just("retry:\n  max_attempts: "),
+                Just("retry:\n  max_elapsed: "),
+                Just("retry:\n  max_retry_after: "),
+                Just("retry:\n  backoff_base: "),
+                Just("limits:\n  max_body_bytes: "),
+                Just("limits:\n  upstream_timeout: "),
+                Just("limits:\n  connect_timeout: "),
+                Just("shutdown:\n  drain_timeout: "),
+                Just("workers: "),
+                Just("budgets:\n  b: { per: token, rate: "),
+                Just("budgets:\n  b: { rate: \"1/s\", burst: "),
+                Just("budgets:\n  b: { rate: \"1/s\", min_rate: "),
+                Just("cluster:\n  redis_url: \"redis://127.0.0.1/0\"\n  fallback_replicas: "),
+            ];
+            (keys, scalar()).prop_map(|(key, value)| {
+                let close = if key.contains('{') { " }" } else { "" };
+                format!("{MINIMAL}{key}{value}{close}\n")
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn a_hostile_value_is_an_error_or_a_config(text in config_with_one_hostile_value()) {
+                let _ = Config::parse(&text);
+            }
+
+            #[test]
+            fn arbitrary_text_is_an_error_or_a_config(text in "[ -~\n]{0,200}") {
+                let _ = Config::parse(&text);
+                let _ = Config::parse(&format!("{MINIMAL}{text}"));
+            }
+        }
     }
 }
