@@ -27,8 +27,39 @@ pub struct RunOptions {
     pub pid_file: PathBuf,
 }
 
+/// Raises the soft limit on open files to the hard one: every client connection and every
+/// upstream connection is a file, and a process started outside its unit (by hand, or by an
+/// upgrade script that does not set `LimitNOFILE`) inherits a soft limit of 1,024 that a shift
+/// change passes in seconds. Returns the limit in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
 /// Runs the proxy until it is told to stop. Never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
+    match raise_open_files_limit() {
+        Ok(n) => tracing::info!("open files limit: {n}"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let admin_listen = config.admin_listen;
     let listen = config.listen;
     let workers = config.workers;
