@@ -31,7 +31,7 @@ pub struct RunOptions {
 /// upstream connection is a file, and a process started outside its unit (by hand, or by an
 /// upgrade script that does not set `LimitNOFILE`) inherits a soft limit of 1,024 that a shift
 /// change passes in seconds. Returns the limit in force.
-pub fn raise_open_files_limit() -> std::io::Result<u64> {
+pub fn raise_open_files_limit() -> std::io::Result<libc::rlim_t> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -51,7 +51,7 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
         }
         lim.rlim_cur = lim.rlim_max;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Runs the proxy until it is told to stop. Never returns.
