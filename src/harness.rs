@@ -417,6 +417,38 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
     Ok(answer)
 }
 
+/// Runs `promtool check metrics` on `text` and panics unless it passes with no lint finding at
+/// all: the metrics unit test and the live-scrape test share it. promtool is the reference
+/// parser; a missing promtool fails rather than skips, so a green run means the text was checked.
+pub fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be on PATH (Debian package `prometheus`)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{said}\non:\n{text}"
+    );
+    // promtool exits 0 on lint findings too; there must be none.
+    assert!(said.trim().is_empty(), "promtool lint findings:\n{said}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -411,8 +411,6 @@ fn histogram_vec(registry: &Registry, name: &str, help: &str) -> HistogramVec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::process::{Command, Stdio};
 
     /// A registry as the proxy has it after start with the example config's names, plus the
     /// values that only the running proxy sets (rates, Redis state).
@@ -595,32 +593,6 @@ mod tests {
         m.cluster_fallback_seconds_total.inc_by(1.5);
         let text = m.encode();
 
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool must be on PATH (Debian package `prometheus`) for this test");
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(text.as_bytes())
-            .expect("write exposition to promtool");
-        let out = child.wait_with_output().expect("promtool ran");
-        assert!(
-            out.status.success(),
-            "promtool check metrics failed:\nstdout: {}\nstderr: {}\ninput:\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // promtool exits 0 on lint warnings too; shiftgate's exposition should have none.
-        let lint = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(lint.trim().is_empty(), "promtool lint findings:\n{lint}");
+        crate::harness::promtool_check_metrics(&text);
     }
 }

@@ -15,12 +15,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use common::html::{elements, Element};
 use common::presence::{self, PATH_TEMPLATE};
-use common::prom::{
-    metric_value, parse_exposition, promtool_check_metrics, split_comparison, sum, Prometheus,
-};
+use common::prom::{metric_value, parse_exposition, split_comparison, sum, Prometheus};
 use common::*;
 use http::Method;
 use shiftgate::emulator::{Fault, FaultKind};
+use shiftgate::harness::promtool_check_metrics;
 use shiftgate::loadtest::client::AgentConnection;
 use shiftgate::loadtest::{user_id, Target};
 use shiftgate::metrics::{CONTRACT_METRICS, REJECTION_REASONS};

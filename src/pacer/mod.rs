@@ -354,6 +354,11 @@ impl Pacer {
 
     /// Reports when a granted request actually left (see [`Queue::sent`]).
     pub fn sent(&self, buckets: &[BucketKey], granted_at: Instant, sent_at: Instant) {
+        // Most requests leave on time: no lock for them (this runs once per request).
+        let late = sent_at.saturating_duration_since(granted_at);
+        if late <= Duration::from_nanos(bucket::LATE_SLACK) {
+            return;
+        }
         let mut st = self.lock();
         let (granted, sent) = (st.nanos(granted_at), st.nanos(sent_at));
         st.queue.sent(buckets, granted, sent);

@@ -97,36 +97,6 @@ pub fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// Runs `promtool check metrics` on `text`: it must pass with no lint finding at all.
-pub fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be on PATH (Debian package `prometheus`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{said}\non:\n{text}"
-    );
-    // promtool exits 0 on lint findings too; there must be none.
-    assert!(said.trim().is_empty(), "promtool lint findings:\n{said}");
-}
-
 /// The value of one series in the Prometheus text, e.g.
 /// `shiftgate_client_disconnects_total{route="presence"}` (labels as the exposition orders them).
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
