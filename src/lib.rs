@@ -21,7 +21,8 @@
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures.
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
 //! - [`shared_budget`]: the seam to the budget state replicas share (Redis, or in memory).
-//! - [`route`]: path templates, first-match routing, the upstream path and header rewrite.
+//! - [`route`]: path templates, first-match routing, the upstream path and header rewrite;
+//!   [`hygiene`]: what a request head must be before it is routed (a bounded size).
 //! - [`config`]: config.yaml, parsed strictly and validated into [`config::Config`].
 //!
 //! **Speaking Genesys**
@@ -44,6 +45,7 @@ pub mod digest;
 pub mod emulator;
 pub mod genesys;
 pub mod harness;
+pub mod hygiene;
 pub mod loadtest;
 pub mod local_response;
 pub mod metrics;

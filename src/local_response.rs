@@ -18,12 +18,15 @@ pub enum Reason {
     ShuttingDown,
     UpstreamUnreachable,
     UpstreamTimeout,
-    /// A path that climbs above the root or cannot be normalised otherwise.
+    /// A path that climbs above the root or cannot be normalised otherwise, or a chunked body
+    /// that breaks its framing.
     BadRequest,
+    /// A request head over [`crate::hygiene::MAX_HEAD_BYTES`].
+    HeaderTooLarge,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::QueueWait,
         Reason::QueueFull,
         Reason::BodyTooLarge,
@@ -32,6 +35,7 @@ impl Reason {
         Reason::UpstreamUnreachable,
         Reason::UpstreamTimeout,
         Reason::BadRequest,
+        Reason::HeaderTooLarge,
     ];
 
     pub fn status(self) -> u16 {
@@ -43,6 +47,7 @@ impl Reason {
             Reason::UpstreamUnreachable => 502,
             Reason::UpstreamTimeout => 504,
             Reason::BadRequest => 400,
+            Reason::HeaderTooLarge => 431,
         }
     }
 
@@ -57,6 +62,7 @@ impl Reason {
             Reason::UpstreamUnreachable => "shiftgate.upstream.unreachable",
             Reason::UpstreamTimeout => "shiftgate.upstream.timeout",
             Reason::BadRequest => "shiftgate.bad.request",
+            Reason::HeaderTooLarge => "shiftgate.header.too.large",
         }
     }
 
@@ -81,6 +87,7 @@ impl Reason {
             Reason::UpstreamUnreachable => "upstream_unreachable",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::BadRequest => "bad_request",
+            Reason::HeaderTooLarge => "header_too_large",
         }
     }
 }

@@ -52,6 +52,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "upstream_unreachable",
     "upstream_timeout",
     "bad_request",
+    "header_too_large",
 ];
 
 /// The `reason`s of `shiftgate_retries_total` created ahead of time: the retryable statuses and

@@ -24,6 +24,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::config::{Config, Per, RouteSpec};
 use crate::digest::{key_hash, token_key};
+use crate::hygiene::check_head;
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Demand, Ticket};
@@ -322,6 +323,10 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         }
         let req = session.req_header();
+        if let Some(refusal) = check_head(&req.uri, &req.headers) {
+            self.answer(session, ctx, refusal).await;
+            return Ok(true);
+        }
         // One spelling per path, so `//api/...` cannot skip the budgets of `/api/...`.
         let path = match normalize_path(req.uri.path()) {
             Ok(path) => path.into_owned(),
@@ -726,6 +731,8 @@ impl ProxyHttp for Proxy {
             | ErrorType::InvalidCert
             | ErrorType::HandshakeError => Some(Reason::UpstreamUnreachable),
             _ if e.esource() == &ErrorSource::Upstream => Some(Reason::UpstreamUnreachable),
+            // A chunked body that breaks its own framing: RFC 9112 wants a 400 and a close.
+            ErrorType::Custom("InvalidChunk") => Some(Reason::BadRequest),
             _ => None,
         });
         let can_write = !ctx.client_gone && session.response_written().is_none();
@@ -737,6 +744,7 @@ impl ProxyHttp for Proxy {
                     Reason::UpstreamUnreachable => {
                         format!("the upstream could not be reached: {}", e.etype().as_str())
                     }
+                    Reason::BadRequest => "the request body's chunked encoding is broken".into(),
                     _ => reason
                         .message()
                         .map_or_else(|| e.to_string(), str::to_string),
