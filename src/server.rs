@@ -8,12 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, MAX_ATTEMPTS_CAP};
+use crate::edge::Edge;
 use crate::proxy::Proxy;
 use crate::state::State;
 
@@ -62,6 +66,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     }
     let admin_listen = config.admin_listen;
     let listen = config.listen;
+    let tls = config.tls.clone();
     let workers = config.workers;
     let drain = config.shutdown.drain_timeout;
     let state = State::new(config, opts.config_path.clone());
@@ -95,21 +100,37 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         }
     };
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    // Pingora's HTTP app behind the edge (connection cap, head and idle timers), on both
+    // listeners.
+    let app = pingora::proxy::http_proxy(
         &server.configuration,
         Proxy {
             state: state.clone(),
         },
-        "shiftgate proxy",
     );
+    let mut proxy = Service::new("shiftgate proxy".to_string(), Edge::new(app, state.clone()));
     // Pingora's default gives every client connection a 64 KiB read buffer up front; with
     // thousands of clients waiting in the queue that is most of the memory. Requests are read
     // into Pingora's own (4 KiB, growing) header buffer anyway, so read unbuffered; keep one
     // segment of write buffer to coalesce small writes.
-    proxy.add_listener(
-        pingora::listeners::ListenerConfig::tcp(listen.to_string())
-            .l4_buffer(pingora::listeners::L4BufferSettings::new(0, 1460)),
-    );
+    let buffers = || pingora::listeners::L4BufferSettings::new(0, 1460);
+    proxy.add_listener(ListenerConfig::tcp(listen.to_string()).l4_buffer(buffers()));
+    if let (Some(tls), Some(cert)) = (&tls, state.cert_resolver()) {
+        // The paths are ignored: the resolver serves the pair the config loaded (and reloads).
+        let mut settings = match TlsSettings::intermediate("", "") {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("tls: {e}");
+                std::process::exit(1);
+            }
+        };
+        settings.set_cert_resolver(cert);
+        proxy.add_listener(
+            ListenerConfig::tcp(tls.listen.to_string())
+                .tls(settings)
+                .l4_buffer(buffers()),
+        );
+    }
     proxy.threads = Some(workers);
     server.add_service(proxy);
     server.add_service(background_service(
@@ -127,9 +148,12 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     ));
 
     let phases = server.watch_execution_phase();
+    let https = tls
+        .map(|t| format!(", HTTPS on {}", t.listen))
+        .unwrap_or_default();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        "shiftgate listening on {listen}, admin on {}",
+        "shiftgate listening on {listen}{https}, admin on {}",
         state.config().admin_listen
     );
     server.run(RunArgs {
