@@ -88,12 +88,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
 
     /// Pingora's keep-alive loop for HTTP/1 (`impl ServerApp for HttpServerApp`, 0.9.1), with the
     /// idle timer started each time a request is done.
-    async fn serve_http1(
-        &self,
-        stream: Stream,
-        next: &NextRequest,
-        shutdown: &ShutdownWatch,
-    ) -> Option<()> {
+    async fn serve_http1(&self, stream: Stream, next: &NextRequest, shutdown: &ShutdownWatch) {
         let mut session = ServerSession::new_http1(stream);
         if *shutdown.borrow() {
             session.set_keepalive(None);
@@ -115,7 +110,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
             }
             reused = self.app.process_new_http(session, shutdown).await;
         }
-        Some(())
     }
 
     fn count_refused(&self, listener: &'static str, cap: usize) {
@@ -154,8 +148,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
         } else {
             plain
         };
-        let limits = Timeouts::from(&self.state.config().limits);
-        let cap = self.state.config().limits.max_connections;
+        let limits = self.state.config().limits.clone();
+        let cap = limits.max_connections;
         let Some(_slot) = self.take_slot(listener, cap) else {
             self.count_refused(listener, cap);
             refuse(stream, cap).await;
@@ -167,7 +161,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Edge<A> {
             return self.app.process_new(stream, shutdown).await;
         }
         let next = Arc::new(NextRequest::default());
-        let stream = Box::new(Deadlined::new(stream, limits, next.clone()));
+        let stream = Box::new(Deadlined::new(
+            stream,
+            Timeouts::from(&limits),
+            next.clone(),
+        ));
         self.serve_http1(stream, &next, shutdown).await;
         None
     }
