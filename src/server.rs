@@ -61,7 +61,18 @@ pub fn raise_open_files_limit() -> std::io::Result<libc::rlim_t> {
 /// Runs the proxy until it is told to stop. Never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
     match raise_open_files_limit() {
-        Ok(n) => tracing::info!("open files limit: {n}"),
+        Ok(n) => {
+            tracing::info!("open files limit: {n}");
+            // Each client connection is a file, and so is the upstream connection it uses:
+            // past the limit accept() fails, and clients get no answer instead of 503.
+            let cap = config.limits.max_connections as libc::rlim_t;
+            if cap.saturating_mul(2) > n {
+                tracing::warn!(
+                    "limits.max_connections ({cap}) leaves too few of the {n} open files for \
+                     the upstream connections; lower it or raise the limit (LimitNOFILE)"
+                );
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
     let admin_listen = config.admin_listen;
