@@ -5,6 +5,8 @@
 //!
 //! **Running it**
 //! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit.
+//! - [`edge`]: every client connection before Pingora's HTTP handling: the connection cap, the
+//!   request head and keep-alive idle timers.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
 //!   [`status_page`]: the page and JSON it shows; [`reload`]: all-or-nothing config reload.
 //! - [`proxy`]: the Pingora `ProxyHttp` implementation, the only module that knows `Session`:
@@ -24,6 +26,8 @@
 //! - [`route`]: path templates, first-match routing, the upstream path and header rewrite;
 //!   [`hygiene`]: what a request head must be before it is routed (a bounded size).
 //! - [`config`]: config.yaml, parsed strictly and validated into [`config::Config`].
+//! - [`tls`]: the HTTPS listener's certificate pair (PEM, key checked against the chain) and the
+//!   resolver that swaps it on reload; the config loads the pair, so a bad one is a config error.
 //!
 //! **Speaking Genesys**
 //! - [`local_response`]: the answers the proxy makes itself (`shiftgate.*` codes).
@@ -42,6 +46,7 @@ pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod digest;
+pub mod edge;
 pub mod emulator;
 pub mod genesys;
 pub mod harness;
@@ -60,3 +65,4 @@ pub mod shared_budget;
 pub mod state;
 pub mod status_page;
 pub mod throttle;
+pub mod tls;

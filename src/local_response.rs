@@ -23,10 +23,13 @@ pub enum Reason {
     BadRequest,
     /// A request head over [`crate::hygiene::MAX_HEAD_BYTES`].
     HeaderTooLarge,
+    /// `limits.max_connections` client connections are open: a new one is answered this, before
+    /// its request is read, and closed.
+    Overloaded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::QueueWait,
         Reason::QueueFull,
         Reason::BodyTooLarge,
@@ -36,6 +39,7 @@ impl Reason {
         Reason::UpstreamTimeout,
         Reason::BadRequest,
         Reason::HeaderTooLarge,
+        Reason::Overloaded,
     ];
 
     pub fn status(self) -> u16 {
@@ -43,7 +47,7 @@ impl Reason {
             Reason::QueueWait | Reason::QueueFull => 429,
             Reason::BodyTooLarge => 413,
             Reason::NoRoute => 404,
-            Reason::ShuttingDown => 503,
+            Reason::ShuttingDown | Reason::Overloaded => 503,
             Reason::UpstreamUnreachable => 502,
             Reason::UpstreamTimeout => 504,
             Reason::BadRequest => 400,
@@ -63,6 +67,7 @@ impl Reason {
             Reason::UpstreamTimeout => "shiftgate.upstream.timeout",
             Reason::BadRequest => "shiftgate.bad.request",
             Reason::HeaderTooLarge => "shiftgate.header.too.large",
+            Reason::Overloaded => "shiftgate.overloaded",
         }
     }
 
@@ -88,6 +93,7 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::BadRequest => "bad_request",
             Reason::HeaderTooLarge => "header_too_large",
+            Reason::Overloaded => "overloaded",
         }
     }
 }
@@ -155,6 +161,37 @@ impl LocalResponse {
             &self.message,
             &self.correlation_id,
         )
+    }
+
+    /// The whole HTTP/1.1 answer, with `Connection: close`: for a connection that is answered
+    /// without Pingora (over the cap) and closed after it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use shiftgate::local_response::{LocalResponse, Reason};
+    ///
+    /// let a = LocalResponse::new(Reason::Overloaded, "too many").retry_after(Duration::from_secs(1));
+    /// let text = String::from_utf8(a.http1_closing()).unwrap();
+    /// assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+    /// assert!(text.contains("\r\nRetry-After: 1\r\n") && text.contains("\r\nConnection: close\r\n"));
+    /// assert!(text.ends_with(&format!("\r\n\r\n{}", a.body())));
+    /// ```
+    pub fn http1_closing(&self) -> Vec<u8> {
+        let status = self.reason.status();
+        let phrase = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let body = self.body();
+        let mut head = format!(
+            "HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in self.headers() {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        [head.into_bytes(), body.into_bytes()].concat()
     }
 
     /// Headers besides Content-Type and Content-Length.

@@ -36,13 +36,18 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_build_info", "gauge"),
     ("shiftgate_cluster_redis_up", "gauge"),
     ("shiftgate_cluster_fallback_seconds_total", "counter"),
+    ("shiftgate_connections", "gauge"),
 ];
+
+/// The `listener` label of `shiftgate_connections`: the plain HTTP listener, the HTTPS one.
+pub const LISTENERS: [&str; 2] = ["plain", "tls"];
 
 /// The `route` label of requests that matched no route.
 pub const NO_ROUTE_LABEL: &str = "none";
 
 /// Every `reason` of `shiftgate_rejections_total`, one per answer the proxy makes itself
-/// (`local_response::Reason::label`).
+/// (`local_response::Reason::label`). `overloaded` is answered before a request is read, so it
+/// is counted under the route [`NO_ROUTE_LABEL`].
 pub const REJECTION_REASONS: &[&str] = &[
     "queue_wait",
     "queue_full",
@@ -53,6 +58,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "upstream_timeout",
     "bad_request",
     "header_too_large",
+    "overloaded",
 ];
 
 /// The `reason`s of `shiftgate_retries_total` created ahead of time: the retryable statuses and
@@ -121,6 +127,9 @@ pub struct Metrics {
     /// `shiftgate_cluster_fallback_seconds_total`: seconds spent on the local fallback share of
     /// each rate while Redis was unreachable.
     pub cluster_fallback_seconds_total: Counter,
+    /// `shiftgate_connections{listener}`: client connections open now; `listener` is `plain` or
+    /// `tls`.
+    pub connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -241,6 +250,15 @@ impl Metrics {
         ))
         .expect("valid metric options");
         register(&registry, cluster_fallback_seconds_total.clone());
+        let connections = int_gauge_vec(
+            &registry,
+            "shiftgate_connections",
+            "Client connections open now, by listener (plain, tls).",
+            &["listener"],
+        );
+        for listener in LISTENERS {
+            connections.with_label_values(&[listener]);
+        }
 
         Metrics {
             registry,
@@ -262,6 +280,7 @@ impl Metrics {
             build_info,
             cluster_redis_up,
             cluster_fallback_seconds_total,
+            connections,
         }
     }
 

@@ -8,12 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{Config, MAX_ATTEMPTS_CAP};
+use crate::edge::Edge;
 use crate::proxy::Proxy;
 use crate::state::State;
 
@@ -57,11 +61,23 @@ pub fn raise_open_files_limit() -> std::io::Result<libc::rlim_t> {
 /// Runs the proxy until it is told to stop. Never returns.
 pub fn run(config: Config, opts: RunOptions) -> ! {
     match raise_open_files_limit() {
-        Ok(n) => tracing::info!("open files limit: {n}"),
+        Ok(n) => {
+            tracing::info!("open files limit: {n}");
+            // Each client connection is a file, and so is the upstream connection it uses:
+            // past the limit accept() fails, and clients get no answer instead of 503.
+            let cap = config.limits.max_connections as libc::rlim_t;
+            if cap.saturating_mul(2) > n {
+                tracing::warn!(
+                    "limits.max_connections ({cap}) leaves too few of the {n} open files for \
+                     the upstream connections; lower it or raise the limit (LimitNOFILE)"
+                );
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
     let admin_listen = config.admin_listen;
     let listen = config.listen;
+    let tls = config.tls.clone();
     let workers = config.workers;
     let drain = config.shutdown.drain_timeout;
     let state = State::new(config, opts.config_path.clone());
@@ -95,21 +111,37 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         }
     };
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    // Pingora's HTTP app behind the edge (connection cap, head and idle timers), on both
+    // listeners.
+    let app = pingora::proxy::http_proxy(
         &server.configuration,
         Proxy {
             state: state.clone(),
         },
-        "shiftgate proxy",
     );
+    let mut proxy = Service::new("shiftgate proxy".to_string(), Edge::new(app, state.clone()));
     // Pingora's default gives every client connection a 64 KiB read buffer up front; with
     // thousands of clients waiting in the queue that is most of the memory. Requests are read
     // into Pingora's own (4 KiB, growing) header buffer anyway, so read unbuffered; keep one
     // segment of write buffer to coalesce small writes.
-    proxy.add_listener(
-        pingora::listeners::ListenerConfig::tcp(listen.to_string())
-            .l4_buffer(pingora::listeners::L4BufferSettings::new(0, 1460)),
-    );
+    let buffers = || pingora::listeners::L4BufferSettings::new(0, 1460);
+    proxy.add_listener(ListenerConfig::tcp(listen.to_string()).l4_buffer(buffers()));
+    if let (Some(tls), Some(cert)) = (&tls, state.cert_resolver()) {
+        // The paths are ignored: the resolver serves the pair the config loaded (and reloads).
+        let mut settings = match TlsSettings::intermediate("", "") {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("tls: {e}");
+                std::process::exit(1);
+            }
+        };
+        settings.set_cert_resolver(cert);
+        proxy.add_listener(
+            ListenerConfig::tcp(tls.listen.to_string())
+                .tls(settings)
+                .l4_buffer(buffers()),
+        );
+    }
     proxy.threads = Some(workers);
     server.add_service(proxy);
     server.add_service(background_service(
@@ -127,9 +159,12 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     ));
 
     let phases = server.watch_execution_phase();
+    let https = tls
+        .map(|t| format!(", HTTPS on {}", t.listen))
+        .unwrap_or_default();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        "shiftgate listening on {listen}, admin on {}",
+        "shiftgate listening on {listen}{https}, admin on {}",
         state.config().admin_listen
     );
     server.run(RunArgs {

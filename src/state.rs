@@ -17,6 +17,7 @@ use crate::resolve::Resolver;
 use crate::shared_budget::{RedisStore, REDIS_TIMEOUT};
 use crate::status_page::ThrottleEvent;
 use crate::throttle;
+use crate::tls::CertResolver;
 
 /// How many throttle events the status page keeps.
 const RECENT_THROTTLES: usize = 20;
@@ -27,6 +28,8 @@ pub struct State {
     pacer: Pacer,
     metrics: Arc<Metrics>,
     resolver: Resolver,
+    /// The HTTPS listener's certificate, when it was started with `tls`.
+    cert: Option<Arc<CertResolver>>,
     /// Set on SIGTERM: `/readyz` answers 503, new requests are refused.
     draining: AtomicBool,
     /// Set on SIGTERM and SIGQUIT: this process stops serving soon; see [`State::keep_alive`].
@@ -85,6 +88,10 @@ impl State {
             pacer,
             metrics,
             resolver: Resolver::default(),
+            cert: config
+                .tls
+                .as_ref()
+                .map(|t| Arc::new(CertResolver::new(&t.pair))),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             active: AtomicI64::new(0),
@@ -119,11 +126,20 @@ impl State {
         &self.resolver
     }
 
-    /// Puts a new config in force: budgets first (those waiting take the new rates), then the
-    /// config itself in one swap, then its metrics.
+    /// The HTTPS listener's certificate, when it was started with `tls`.
+    pub fn cert_resolver(&self) -> Option<Arc<CertResolver>> {
+        self.cert.clone()
+    }
+
+    /// Puts a new config in force: budgets first (those waiting take the new rates), the
+    /// certificate pair for the handshakes from now on, then the config itself in one swap,
+    /// then its metrics.
     pub fn install_config(&self, new: Config) {
         self.pacer
             .update(&new.budgets, new.queue.max_depth, new.queue.aging);
+        if let (Some(cert), Some(tls)) = (&self.cert, &new.tls) {
+            cert.set(&tls.pair);
+        }
         self.config.store(Arc::new(new));
         self.publish_config();
     }

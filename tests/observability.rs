@@ -247,6 +247,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
                 }
                 "reason" => REJECTION_REASONS.contains(&v.as_str()),
                 "result" => v == "success" || v == "failure",
+                "listener" => shiftgate::metrics::LISTENERS.contains(&v.as_str()),
                 "version" => v == env!("CARGO_PKG_VERSION"),
                 "le" => v == "+Inf" || v.parse::<f64>().is_ok(),
                 _ => false,

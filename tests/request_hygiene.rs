@@ -166,8 +166,12 @@ async fn a_path_spelled_otherwise_is_charged_to_its_route_and_forwarded_normalis
     want.push(format!("{normal}?note=a%2Fb//c"));
     assert_eq!(upstream.targets(), want, "what the upstream received");
 
-    let m = proxy.metrics().await;
     let presence = r#"shiftgate_requests_total{route="presence",status="200"}"#;
+    // Counted once the answer is written: the client may read it first.
+    proxy
+        .wait_for_metric(presence, std::time::Duration::from_secs(5), |v| v >= 5.0)
+        .await;
+    let m = proxy.metrics().await;
     let default = r#"shiftgate_requests_total{route="default",status="200"}"#;
     assert_eq!(metric_value(&m, presence), Some(5.0), "charged to presence");
     assert_eq!(

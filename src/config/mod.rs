@@ -11,10 +11,11 @@ mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::route::{PathTemplate, Priority};
+use crate::tls::CertPair;
 use lines::LineIndex;
 use validate::Validator;
 
@@ -77,6 +78,8 @@ pub struct Config {
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
     pub cluster: Option<ClusterSettings>,
+    /// Also serve clients over HTTPS.
+    pub tls: Option<TlsSettings>,
     /// Reload when the config file changes (SIGHUP and `POST /-/reload` always work).
     pub watch_file: bool,
 }
@@ -342,6 +345,29 @@ pub struct Limits {
     /// Upstream timeouts.
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// A request head (of any request on a connection) not complete this long after it began
+    /// (for the first, after the connection was accepted): the connection is closed.
+    pub client_header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub client_idle_timeout: Duration,
+    /// Client connections open at once, both listeners together; past it a new one is answered
+    /// `503 shiftgate.overloaded` and closed.
+    pub max_connections: usize,
+}
+
+/// Upper bound of `limits.max_connections`: far above any open-files limit, so a typo (an extra
+/// zero or three) is caught rather than silently meaning "no cap".
+pub const MAX_CONNECTIONS_CAP: usize = 10_000_000;
+
+/// `tls`: the HTTPS listener and the certificate it serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    /// The files, as written (relative to the working directory), re-read on every reload.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Their contents, loaded and checked when the config was.
+    pub pair: CertPair,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,7 +472,7 @@ struct RestartOnly {
 
 /// The keys a reload cannot change, listed once: [`Config::restart_needed`] names those that
 /// changed, [`Config::keep_restart_only`] carries their running values over.
-const RESTART_ONLY: [RestartOnly; 5] = [
+const RESTART_ONLY: [RestartOnly; 6] = [
     RestartOnly {
         key: "listen",
         differs: |a, b| a.listen != b.listen,
@@ -471,6 +497,17 @@ const RESTART_ONLY: [RestartOnly; 5] = [
         key: "log",
         differs: |a, b| a.log != b.log,
         keep: |new, running| new.log = running.log.clone(),
+    },
+    // The HTTPS listener is bound once; its certificate pair reloads (when both configs have
+    // one). Without a listener there is nothing to serve a pair on; with one, a config that
+    // drops `tls` keeps it serving the old pair until the restart.
+    RestartOnly {
+        key: "tls.listen",
+        differs: |a, b| a.tls.as_ref().map(|t| t.listen) != b.tls.as_ref().map(|t| t.listen),
+        keep: |new, running| match (&mut new.tls, &running.tls) {
+            (Some(new), Some(running)) => new.listen = running.listen,
+            (new, running) => *new = running.clone(),
+        },
     },
 ];
 
@@ -537,6 +574,10 @@ mod tests {
         assert_eq!(c.retry.max_elapsed, secs(60));
         assert_eq!(c.retry.on_5xx, On5xx::Idempotent);
         assert_eq!(c.limits.max_body_bytes, 512_000);
+        assert_eq!(c.limits.client_header_timeout, secs(10));
+        assert_eq!(c.limits.client_idle_timeout, secs(60));
+        assert_eq!(c.limits.max_connections, 20_000);
+        assert!(c.tls.is_none());
         assert_eq!(c.shutdown.drain_timeout, secs(30));
         assert_eq!(c.log.format, LogFormat::Text);
         assert!(c.cluster.is_none());
@@ -563,6 +604,8 @@ mod tests {
         });
         new.log.format = LogFormat::Json;
         new.queue.max_depth = 3;
+        new.limits.max_connections = 7;
+        new.limits.client_idle_timeout = secs(5);
         assert_eq!(
             running.restart_needed(&new),
             ["listen", "admin_listen", "workers", "cluster", "log"]
@@ -571,6 +614,138 @@ mod tests {
         assert!(running.restart_needed(&new).is_empty());
         // The rest applies.
         assert_eq!(new.queue.max_depth, 3);
+        assert_eq!(new.limits.max_connections, 7);
+        assert_eq!(new.limits.client_idle_timeout, secs(5));
+    }
+
+    /// `tls` with a fresh self-signed pair in `dir`, listening on `listen`.
+    fn with_tls(dir: &Path, name: &str, listen: &str) -> String {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+        format!(
+            "{MINIMAL}tls:\n  listen: \"{listen}\"\n  cert: {}\n  key: {}\n",
+            cert.display(),
+            key.display()
+        )
+    }
+
+    #[test]
+    fn tls_loads_its_pair_and_only_its_listen_needs_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = Config::parse(&with_tls(dir.path(), "a", "127.0.0.1:8443")).unwrap();
+        let tls = running.tls.as_ref().unwrap();
+        assert_eq!(tls.listen, "127.0.0.1:8443".parse().unwrap());
+        assert!(tls.cert.ends_with("a.crt") && tls.key.ends_with("a.key"));
+
+        // A new pair reloads; a new address needs a restart and keeps the old one.
+        let mut new = Config::parse(&with_tls(dir.path(), "b", "127.0.0.1:9443")).unwrap();
+        assert_eq!(running.restart_needed(&new), ["tls.listen"]);
+        let new_pair = new.tls.as_ref().unwrap().pair.clone();
+        new.keep_restart_only(&running);
+        assert_eq!(new.tls.as_ref().unwrap().listen, tls.listen);
+        assert_eq!(new.tls.as_ref().unwrap().pair, new_pair);
+        assert_ne!(new_pair, tls.pair);
+
+        // Added or dropped: a restart; meanwhile what runs stays as it is.
+        let plain = Config::parse(MINIMAL).unwrap();
+        let mut added = running.clone();
+        assert_eq!(plain.restart_needed(&added), ["tls.listen"]);
+        added.keep_restart_only(&plain);
+        assert!(added.tls.is_none());
+        let mut dropped = plain.clone();
+        assert_eq!(running.restart_needed(&dropped), ["tls.listen"]);
+        dropped.keep_restart_only(&running);
+        assert_eq!(dropped.tls, running.tls);
+    }
+
+    #[test]
+    fn a_bad_tls_pair_or_address_is_an_error_naming_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = with_tls(dir.path(), "a", "127.0.0.1:8443");
+        let key = dir.path().join("a.key");
+        let cert = dir.path().join("a.crt");
+
+        let errors = |text: &str| Config::parse(text).unwrap_err().0;
+        std::fs::write(&key, "garbage\n").unwrap();
+        let e = errors(&good);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "tls.key");
+        assert_eq!(e[0].line, Some(10));
+        assert_eq!(
+            e[0].message,
+            format!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                key.display()
+            )
+        );
+
+        // A key of another pair.
+        let other = with_tls(dir.path(), "b", "127.0.0.1:8443");
+        let mismatched = other.replace("b.crt", "a.crt");
+        std::fs::write(&cert, std::fs::read(dir.path().join("a.crt")).unwrap()).unwrap();
+        let e = errors(&mismatched);
+        assert_eq!(e[0].path, "tls.key", "{e:?}");
+        assert!(
+            e[0].message.contains("does not belong to the certificate"),
+            "{e:?}"
+        );
+
+        // An unreadable chain, and a listener on the plain port.
+        let e = errors(
+            &good
+                .replace("a.crt", "missing.crt")
+                .replace("127.0.0.1:8443", "127.0.0.1:8080"),
+        );
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert_eq!(
+            shown[0],
+            "tls.listen: must differ from listen and admin_listen at line 8"
+        );
+        assert!(
+            shown[1].starts_with(&format!(
+                "tls.cert: cannot read {}: ",
+                dir.path().join("missing.crt").display()
+            )) && shown[1].ends_with(" at line 9"),
+            "{shown:?}"
+        );
+        let e = errors(&format!("{MINIMAL}tls:\n  listen: \"127.0.0.1:8443\"\n"));
+        assert!(e[0].message.contains("missing field `cert`"), "{e:?}");
+    }
+
+    #[test]
+    fn the_client_limits_are_bounded_and_their_errors_name_path_and_line() {
+        let parse = |limits: &str| Config::parse(&format!("{MINIMAL}limits:\n{limits}"));
+        let c = parse("  client_header_timeout: \"500ms\"\n  client_idle_timeout: \"2m\"\n  max_connections: 3\n").unwrap();
+        assert_eq!(c.limits.client_header_timeout, Duration::from_millis(500));
+        assert_eq!(c.limits.client_idle_timeout, secs(120));
+        assert_eq!(c.limits.max_connections, 3);
+
+        let errors = |limits: &str| -> Vec<String> {
+            parse(limits)
+                .unwrap_err()
+                .0
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        assert_eq!(
+            errors("  client_header_timeout: \"0s\"\n  client_idle_timeout: \"25h\"\n  max_connections: 0\n"),
+            [
+                "limits.client_header_timeout: must be more than 0s at line 8",
+                "limits.client_idle_timeout: invalid duration \"25h\": at most 24h at line 9",
+                "limits.max_connections: must be a whole number >= 1, not 0 at line 10",
+            ]
+        );
+        assert_eq!(
+            errors("  max_connections: 10000001\n"),
+            ["limits.max_connections: must be at most 10000000, not 10000001 at line 8"]
+        );
     }
 
     #[test]
@@ -656,6 +831,9 @@ mod tests {
                 Just("limits:\n  max_body_bytes: "),
                 Just("limits:\n  upstream_timeout: "),
                 Just("limits:\n  connect_timeout: "),
+                Just("limits:\n  client_header_timeout: "),
+                Just("limits:\n  client_idle_timeout: "),
+                Just("limits:\n  max_connections: "),
                 Just("shutdown:\n  drain_timeout: "),
                 Just("workers: "),
                 Just("budgets:\n  b: { per: token, rate: "),

@@ -85,6 +85,8 @@ pub(super) struct RawConfig {
     pub admin_listen: Option<String>,
     #[serde(default)]
     pub admin_token_env: Option<String>,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
     pub upstreams: IndexMap<String, RawUpstream>,
     #[serde(default)]
     pub budgets: IndexMap<String, RawBudget>,
@@ -110,6 +112,13 @@ pub(super) struct RawConfig {
 #[derive(Deserialize, Default)]
 pub(super) struct RawReload {
     pub watch_file: Option<bool>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawTls {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Deserialize)]
@@ -173,6 +182,9 @@ pub(super) struct RawLimits {
     pub max_body_bytes: Option<i64>,
     pub connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
+    pub client_header_timeout: Option<String>,
+    pub client_idle_timeout: Option<String>,
+    pub max_connections: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]

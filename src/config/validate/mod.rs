@@ -3,14 +3,19 @@
 //! those that name each other (upstreams, budgets, routes) are in `routes`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::lines::{LineIndex, YamlPath};
-use super::raw::{RawCluster, RawConfig, RawLimits, RawLog, RawQueue, RawRetry, RawShutdown};
+use super::raw::{
+    RawCluster, RawConfig, RawLimits, RawLog, RawQueue, RawRetry, RawShutdown, RawTls,
+};
 use super::{
     parse_duration, AdminToken, ClusterSettings, Config, ConfigError, Limits, LogFormat,
-    LogSettings, On5xx, QueueSettings, RetrySettings, ShutdownSettings, MAX_ATTEMPTS_CAP,
+    LogSettings, On5xx, QueueSettings, RetrySettings, ShutdownSettings, TlsSettings,
+    MAX_ATTEMPTS_CAP, MAX_CONNECTIONS_CAP,
 };
+use crate::tls::CertPair;
 use routes::Names;
 
 mod routes;
@@ -40,6 +45,10 @@ impl<'a> Validator<'a> {
     /// `queue.max_wait`.
     pub(super) fn config(mut self, raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         let (listen, admin_listen) = self.listeners(&raw);
+        let tls = raw
+            .tls
+            .as_ref()
+            .map(|t| self.tls(t, &[listen, admin_listen]));
         let admin_token = raw
             .admin_token_env
             .as_deref()
@@ -78,6 +87,7 @@ impl<'a> Validator<'a> {
             log,
             shutdown,
             cluster,
+            tls: tls.flatten(),
             watch_file: raw.reload.watch_file.unwrap_or(true),
         })
     }
@@ -94,6 +104,31 @@ impl<'a> Validator<'a> {
             self.err(&admin_at, "must differ from listen");
         }
         (listen, admin_listen)
+    }
+
+    /// `tls`: its address, and the certificate pair read and checked now, so that `check`, `run`
+    /// and a reload all refuse a pair the listener could not serve. `None` when it has errors.
+    fn tls(&mut self, raw: &RawTls, taken: &[SocketAddr]) -> Option<TlsSettings> {
+        let at = YamlPath::top("tls");
+        let listen_at = at.key("listen");
+        let listen = self.socket(&listen_at, &raw.listen);
+        if taken.contains(&listen) {
+            self.err(&listen_at, "must differ from listen and admin_listen");
+        }
+        let (cert, key) = (PathBuf::from(&raw.cert), PathBuf::from(&raw.key));
+        match CertPair::load(&cert, &key) {
+            Ok(pair) => Some(TlsSettings {
+                listen,
+                cert,
+                key,
+                pair,
+            }),
+            Err(e) => {
+                let file = if e.file() == key { "key" } else { "cert" };
+                self.err(&at.key(file), e.to_string());
+                None
+            }
+        }
     }
 
     /// `admin_token_env`: the variable it names must hold a token. Fail closed: a config that
@@ -187,7 +222,31 @@ impl<'a> Validator<'a> {
                 raw.upstream_timeout.as_deref(),
                 secs(30),
             ),
+            client_header_timeout: self.positive_duration(
+                &at.key("client_header_timeout"),
+                raw.client_header_timeout.as_deref(),
+                secs(10),
+            ),
+            client_idle_timeout: self.positive_duration(
+                &at.key("client_idle_timeout"),
+                raw.client_idle_timeout.as_deref(),
+                secs(60),
+            ),
+            max_connections: self.max_connections(&at.key("max_connections"), raw.max_connections),
         }
+    }
+
+    /// `limits.max_connections`: at least 1, at most [`MAX_CONNECTIONS_CAP`].
+    fn max_connections(&mut self, path: &YamlPath, raw: Option<i64>) -> usize {
+        let n = self.whole(path, raw, 1, 20_000);
+        if n > MAX_CONNECTIONS_CAP as i64 {
+            self.err(
+                path,
+                format!("must be at most {MAX_CONNECTIONS_CAP}, not {n}"),
+            );
+            return 20_000;
+        }
+        n as usize
     }
 
     /// `workers`, by default one per CPU.
@@ -272,6 +331,22 @@ impl<'a> Validator<'a> {
                 }
             },
         }
+    }
+
+    /// A duration that must not be zero (a timer that fires at once would close every
+    /// connection).
+    fn positive_duration(
+        &mut self,
+        path: &YamlPath,
+        raw: Option<&str>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(path, raw, default);
+        if d.is_zero() {
+            self.err(path, "must be more than 0s");
+            return default;
+        }
+        d
     }
 
     fn whole(&mut self, path: &YamlPath, raw: Option<i64>, min: i64, default: i64) -> i64 {
