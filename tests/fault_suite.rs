@@ -493,3 +493,93 @@ async fn malformed_http_is_refused_and_nothing_whole_reaches_the_upstream() {
         Duration::from_secs(1),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_trickled_a_byte_a_second_while_others_are_served() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(
+        &config("100/s", "limits:\n  client_header_timeout: \"2s\""),
+        emu.local_addr(),
+    )
+    .await;
+    let addr = proxy.addr();
+    let head = format!("GET {DEFINITIONS_PATH} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+    let trickles: Vec<_> = (0..10)
+        .map(|_| {
+            let head = head.clone();
+            tokio::spawn(async move {
+                let bytes: Vec<&[u8]> = head.chunks(1).collect();
+                raw_exchange(
+                    addr,
+                    &bytes,
+                    Duration::from_secs(1),
+                    Duration::from_secs(30),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Whole requests meanwhile are served as usual.
+    let mut tally = burst(addr, 20, definitions_get).await;
+    assert_eq!(tally.statuses.get(&200), Some(&20), "{:?}", tally.statuses);
+    for t in trickles {
+        let out = t.await.unwrap();
+        tally.sent += 1;
+        tally.slowest = tally.slowest.max(out.took);
+        // Cut off at the deadline: closed, with or without a 408 first.
+        match out.status {
+            None | Some(408) if out.took < Duration::from_secs(4) => {
+                *tally.statuses.entry(out.status.unwrap_or(0)).or_default() += 1
+            }
+            other => tally
+                .lost
+                .push(format!("trickled: {other:?} after {:?}", out.took)),
+        }
+    }
+    assert_eq!(
+        emu.stats().total_requests,
+        20,
+        "no trickled head was sent on"
+    );
+    tally.report(
+        "10 heads trickled a byte a second, 20 whole requests (2 s head timeout; 0: closed)",
+        Duration::from_secs(4),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections() {
+    // Answers take 500 ms, so the connections of a burst are open together.
+    let emu = emulator(
+        "token_rate_per_minute: 0\nfaults:\n  - { kind: slow, delay: \"500ms\", path: \"/api/v2/**\" }\n",
+    )
+    .await;
+    let proxy = ProxyProcess::start(
+        &config("1000/s", "limits:\n  max_connections: 20"),
+        emu.local_addr(),
+    )
+    .await;
+    let tally = burst(proxy.addr(), 60, definitions_get).await;
+    let served = tally.statuses.get(&200).copied().unwrap_or(0);
+    let refused = tally.statuses.get(&503).copied().unwrap_or(0);
+    assert_eq!(served + refused, 60, "{:?}", tally.statuses);
+    assert!((1..=40).contains(&refused), "{:?}", tally.statuses);
+    assert!(
+        served >= 20,
+        "the first 20 are served: {:?}",
+        tally.statuses
+    );
+    proxy
+        .wait_for_metric(
+            r#"shiftgate_connections{listener="plain"}"#,
+            Duration::from_secs(5),
+            |v| v == 0.0,
+        )
+        .await;
+    assert_still_serving(&proxy).await;
+    tally.report(
+        "60 connections at once, max_connections 20 (503: shiftgate.overloaded)",
+        Duration::from_secs(3),
+    );
+}
