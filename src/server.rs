@@ -183,13 +183,6 @@ struct Watcher {
     state: Arc<State>,
 }
 
-/// What identifies one version of the config file.
-fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino(), m.dev()))
-}
-
 /// How often upstream names are looked up again (the cache's TTL is 30 s).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -207,7 +200,8 @@ impl BackgroundService for Watcher {
             }
         };
         let path = self.state.config_path().to_path_buf();
-        let mut stamp = file_stamp(&path);
+        // Only a version of the file two polls in a row agree on is loaded (see Settle).
+        let mut settle = crate::reload::Settle::new(crate::reload::file_version(&path));
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         // Upstream names are resolved here, off the request path, and kept fresh.
         let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
@@ -228,11 +222,10 @@ impl BackgroundService for Watcher {
                     if !self.state.config().watch_file {
                         continue;
                     }
-                    let now = file_stamp(&path);
-                    if now == stamp || now.is_none() {
+                    let now = crate::reload::file_version(&path);
+                    if !settle.poll(now) {
                         continue;
                     }
-                    stamp = now;
                     "file change"
                 }
             };
