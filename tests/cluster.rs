@@ -470,3 +470,85 @@ async fn sharing_adds_little_latency_and_few_redis_calls() {
         "{p99_on:?} vs {p99_off:?}"
     );
 }
+
+/// Garbage in a bucket's hash (another program, a bug, a hand edit): the store neither panics
+/// nor pauses for ever nor grants without bound; the bucket starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_in_redis_count_as_absent_and_never_pause_for_ever() {
+    use shiftgate::shared_budget::{LeaseRequest, RedisStore, SlotStore, ThrottleRequest};
+    let redis = Redis::start();
+    let store = RedisStore::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let lease = |key: &str| LeaseRequest {
+        key: key.to_string(),
+        interval: Duration::from_millis(10),
+        tolerance: Duration::ZERO,
+        count: 3,
+    };
+    let bad_values = [
+        "nan",
+        "NaN",
+        "inf",
+        "-inf",
+        "-5",
+        "1e300",
+        "banana",
+        "",
+        "99999999999999999999",
+    ];
+    for (i, bad) in bad_values.iter().enumerate() {
+        let key = format!("test:bad{i}");
+        redis.cli(&[
+            "HSET",
+            &key,
+            "tat",
+            bad,
+            "paused_until",
+            bad,
+            "lowered",
+            bad,
+            "ceiling",
+            bad,
+            "dec_at",
+            bad,
+        ]);
+        let l = store
+            .lease(lease(&key))
+            .await
+            .unwrap_or_else(|e| panic!("{bad:?}: {e}"));
+        // Spaced from now as a fresh bucket's are: not paused, not bunched up.
+        assert_eq!(l.slots.len(), 3, "{bad:?}");
+        assert!(l.slots[0] < Duration::from_millis(5), "{bad:?}: {l:?}");
+        assert!(l.slots[2] < Duration::from_millis(30), "{bad:?}: {l:?}");
+        assert_eq!(l.paused_for, Duration::ZERO, "{bad:?}");
+        assert_eq!(l.adaptive, None, "{bad:?}");
+        // What the script stored back is a plain number again.
+        let tat = redis.cli(&["HGET", &key, "tat"]);
+        assert!(tat.trim().parse::<u64>().is_ok(), "{bad:?}: tat {tat:?}");
+        // A throttle over garbage pauses for what it says, no longer.
+        redis.cli(&["HSET", &key, "tat", bad, "paused_until", bad]);
+        store
+            .throttle(ThrottleRequest {
+                key: key.clone(),
+                pause: Duration::from_millis(500),
+                tolerance: Duration::ZERO,
+                lowered: None,
+            })
+            .await
+            .unwrap();
+        let l = store.lease(lease(&key)).await.unwrap();
+        assert!(
+            l.paused_for <= Duration::from_millis(500) && l.paused_for > Duration::from_millis(300),
+            "{bad:?}: {l:?}"
+        );
+        assert!(l.slots[0] <= Duration::from_millis(500), "{bad:?}: {l:?}");
+    }
+    // A pause that would last a year: garbage too, not obeyed.
+    let key = "test:far";
+    let t = redis.cli(&["TIME"]);
+    let secs: u64 = t.lines().next().unwrap().trim().parse().unwrap();
+    let year = ((secs + 365 * 86_400) * 1_000_000).to_string();
+    redis.cli(&["HSET", key, "tat", &year, "paused_until", &year]);
+    let l = store.lease(lease(key)).await.unwrap();
+    assert_eq!(l.paused_for, Duration::ZERO, "{l:?}");
+    assert!(l.slots[0] < Duration::from_millis(5), "{l:?}");
+}
