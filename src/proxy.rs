@@ -66,7 +66,11 @@ pub struct Ctx {
     upstream_time: Duration,
     /// Our own answer's reason, when the proxy answered.
     reason: Option<Reason>,
+    /// The most body bytes any attempt has seen so far.
     body_bytes: usize,
+    /// Body bytes of the attempt in progress (a retry replays the start of the body, then the
+    /// rest streams on): each attempt is held to `limits.max_body_bytes`.
+    attempt_body_bytes: usize,
     body_read_up_front: bool,
     client_gone: bool,
     logged: bool,
@@ -305,6 +309,7 @@ impl ProxyHttp for Proxy {
             upstream_time: Duration::ZERO,
             reason: None,
             body_bytes: 0,
+            attempt_body_bytes: 0,
             body_read_up_front: false,
             client_gone: false,
             logged: false,
@@ -401,7 +406,8 @@ impl ProxyHttp for Proxy {
         Ok(false)
     }
 
-    /// Counts the body while it streams (bodies not read up front) against the limit.
+    /// Counts the body while it streams (bodies not read up front) against the limit, on every
+    /// attempt: a retry gets the replayed start of the body here, then the rest as it streams.
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -409,16 +415,17 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.body_read_up_front || ctx.attempts > 1 {
+        if ctx.body_read_up_front {
             return Ok(());
         }
         if let Some(b) = body {
-            ctx.body_bytes += b.len();
+            ctx.attempt_body_bytes += b.len();
+            ctx.body_bytes = ctx.body_bytes.max(ctx.attempt_body_bytes);
             let max = ctx
                 .config
                 .as_ref()
                 .map_or(usize::MAX, |c| c.limits.max_body_bytes);
-            if ctx.body_bytes > max {
+            if ctx.attempt_body_bytes > max {
                 ctx.reason = Some(Reason::BodyTooLarge);
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
             }
@@ -516,6 +523,7 @@ impl ProxyHttp for Proxy {
         // Spread attempts over the addresses; a retry after a failed connect takes the next.
         let addr = addrs[(ctx.attempts as usize) % addrs.len()];
         ctx.attempts += 1;
+        ctx.attempt_body_bytes = 0;
         let inflight = &self.state.metrics().inflight_requests;
         ctx.attempt = Some(AttemptState {
             started: Instant::now(),
