@@ -66,6 +66,8 @@ pub struct Ctx {
     upstream_time: Duration,
     /// Our own answer's reason, when the proxy answered.
     reason: Option<Reason>,
+    /// Our own answer, when a hook decided it whole (`fail_to_proxy` writes it).
+    local_answer: Option<LocalResponse>,
     /// The most body bytes any attempt has seen so far.
     body_bytes: usize,
     /// Body bytes of the attempt in progress (a retry replays the start of the body, then the
@@ -272,6 +274,23 @@ impl Proxy {
         }
         verdict
     }
+
+    /// The request's next attempt cannot start in time (its deadline passed in the queue, or
+    /// a retry's slot would come after it): `429 shiftgate.queue.wait`, with the honest
+    /// `Retry-After` of a request arriving now.
+    fn no_slot_in_time(&self, ctx: &mut Ctx, route: &str) -> Box<Error> {
+        let wait = self.state.pacer().predicted_wait(&ctx.buckets);
+        let msg = format!(
+            "route {route} is saturated: no slot was free in time; one is predicted in {:.1} s",
+            wait.as_secs_f64()
+        );
+        ctx.local_answer = Some(LocalResponse::new(Reason::QueueWait, msg).retry_after(wait));
+        ctx.reason = Some(Reason::QueueWait);
+        Error::explain(
+            ErrorType::HTTPStatus(Reason::QueueWait.status()),
+            "no slot in time",
+        )
+    }
 }
 
 fn add_shiftgate_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
@@ -308,6 +327,7 @@ impl ProxyHttp for Proxy {
             attempts: 0,
             upstream_time: Duration::ZERO,
             reason: None,
+            local_answer: None,
             body_bytes: 0,
             attempt_body_bytes: 0,
             body_read_up_front: false,
@@ -447,22 +467,18 @@ impl ProxyHttp for Proxy {
                 }
             }
             if !ctx.buckets.is_empty() {
-                let not_after = tokio::time::Instant::from_std(ctx.arrived + cfg.retry.max_elapsed);
+                let deadline = ctx.arrived + cfg.retry.max_elapsed;
+                let not_after = tokio::time::Instant::from_std(deadline);
                 let demand = Demand {
                     buckets: ctx.buckets.clone(),
                     priority: route.priority,
-                    max_wait: cfg.retry.max_elapsed,
+                    max_wait: deadline.saturating_duration_since(Instant::now()),
                     retry: true,
                     not_after: Some(not_after),
                 };
                 match self.state.pacer().admit(demand) {
                     Ok(t) => self.enter_queue(ctx, t, &route.name),
-                    Err(e) => {
-                        return Error::e_explain(
-                            ErrorType::InternalError,
-                            format!("retry not admitted: {e}"),
-                        )
-                    }
+                    Err(_) => return Err(self.no_slot_in_time(ctx, &route.name)),
                 }
             }
             // The time a retry waits is not queue wait; it is part of the upstream's answer.
@@ -476,16 +492,16 @@ impl ProxyHttp for Proxy {
             match waited {
                 None => return Err(self.client_left(ctx)),
                 Some(Err(_closed)) => {
-                    // Dropped from the queue: shutdown past its drain, or a retry past its
-                    // deadline.
-                    let reason = if self.state.is_draining() {
-                        Reason::ShuttingDown
-                    } else {
-                        Reason::UpstreamTimeout
-                    };
-                    ctx.reason = Some(reason);
+                    // Dropped from the queue: shutdown past its drain, or its deadline came
+                    // before a slot (a retry's, or in cluster mode `max_wait`, when the shared
+                    // budget gave others the slots admission counted on): then an honest
+                    // `429 shiftgate.queue.wait`, never a later start.
+                    if !self.state.is_draining() {
+                        return Err(self.no_slot_in_time(ctx, &route.name));
+                    }
+                    ctx.reason = Some(Reason::ShuttingDown);
                     return Error::e_explain(
-                        ErrorType::HTTPStatus(reason.status()),
+                        ErrorType::HTTPStatus(Reason::ShuttingDown.status()),
                         "left the queue without a slot",
                     );
                 }
@@ -740,6 +756,11 @@ impl ProxyHttp for Proxy {
         // The connection is not reused after a failure: say so in the answer.
         session.set_keepalive(None);
         let code = match reason {
+            Some(reason) if can_write && ctx.local_answer.is_some() => {
+                let a = ctx.local_answer.take().expect("checked");
+                self.answer(session, ctx, a).await;
+                reason.status()
+            }
             Some(reason) if can_write => {
                 let msg = match reason {
                     Reason::UpstreamUnreachable => {
