@@ -27,7 +27,7 @@ use crate::digest::{key_hash, token_key};
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Demand, Ticket};
-use crate::retry::{self, Attempt, Outcome, Verdict};
+use crate::retry::{self, Attempt, GiveUp, Outcome, Verdict};
 use crate::route::{find_route, hop_by_hop_headers, normalize_path, upstream_path};
 use crate::state::{ActiveRequest, State};
 use crate::throttle::{self, RetryWait};
@@ -245,7 +245,7 @@ impl Proxy {
             return Verdict::Done;
         };
         let method = &session.req_header().method;
-        let verdict = retry::decide(
+        let mut verdict = retry::decide(
             &cfg.retry,
             &Attempt {
                 outcome,
@@ -262,12 +262,17 @@ impl Proxy {
                 _ => 0,
             };
             let paced = !ctx.buckets.is_empty();
-            ctx.pending_retry = Some(throttle::retry_wait(status, delay, paced));
-            self.state
-                .metrics()
-                .retries_total
-                .with_label_values(&[self.route_label(ctx).as_str(), reason])
-                .inc();
+            let wait = throttle::retry_wait(status, delay, paced);
+            if wait == RetryWait::Requeue && !self.requeue(ctx, &cfg) {
+                verdict = Verdict::GiveUp(GiveUp::Deadline);
+            } else {
+                ctx.pending_retry = Some(wait);
+                self.state
+                    .metrics()
+                    .retries_total
+                    .with_label_values(&[self.route_label(ctx).as_str(), reason])
+                    .inc();
+            }
         }
         if let Verdict::GiveUp(why) = verdict {
             tracing::info!(route = %self.route_label(ctx), attempts = ctx.attempts, "not retrying: {why}");
@@ -290,6 +295,34 @@ impl Proxy {
             ErrorType::HTTPStatus(Reason::QueueWait.status()),
             "no slot in time",
         )
+    }
+
+    /// A 429's retry takes its place in the queue now, while the upstream's 429 can still be
+    /// passed through: false when its slots cannot start before its deadline
+    /// (`retry.max_elapsed` after arrival). Deciding later, after waiting, would leave nothing
+    /// to answer with but a 504 of our own.
+    fn requeue(&self, ctx: &mut Ctx, cfg: &Config) -> bool {
+        let Some(route) = ctx.route(cfg) else {
+            return false;
+        };
+        let deadline = ctx.arrived + cfg.retry.max_elapsed;
+        let demand = Demand {
+            buckets: ctx.buckets.clone(),
+            priority: route.priority,
+            max_wait: deadline.saturating_duration_since(Instant::now()),
+            retry: true,
+            not_after: Some(tokio::time::Instant::from_std(deadline)),
+        };
+        match self.state.pacer().admit(demand) {
+            Ok(ticket) => {
+                self.enter_queue(ctx, ticket, &route.name);
+                true
+            }
+            Err(rejection) => {
+                tracing::debug!(route = %route.name, "retry not queued: {rejection}");
+                false
+            }
+        }
     }
 }
 
@@ -466,7 +499,8 @@ impl ProxyHttp for Proxy {
                     return Err(self.client_left(ctx));
                 }
             }
-            if !ctx.buckets.is_empty() {
+            // A 429's retry is queued already (see `requeue`); others queue now.
+            if !ctx.buckets.is_empty() && ctx.queued.is_none() {
                 let deadline = ctx.arrived + cfg.retry.max_elapsed;
                 let not_after = tokio::time::Instant::from_std(deadline);
                 let demand = Demand {

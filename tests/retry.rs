@@ -298,6 +298,36 @@ async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_rese
     assert!(t.elapsed() < Duration::from_millis(900));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_slot_comes_after_its_deadline_passes_the_upstream_429_not_a_504() {
+    // 20/min: the first request takes the slot of the next 3 s. Its 429 says Retry-After 1,
+    // which max_elapsed (2 s) would allow, but the budget has no slot before 3 s: no attempt
+    // can start in time, so the upstream's 429 goes to the client at once (it used to wait
+    // until the deadline and answer 504 of its own).
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"60s\", retry_after: 1 }\n").await;
+    let proxy = ProxyProcess::start(
+        &config("20/min", "retry:\n  max_elapsed: \"2s\"\n"),
+        emu.local_addr(),
+    )
+    .await;
+    let (a, took) = patch_presence(proxy.addr()).await;
+    assert_eq!(a.status, 429, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(header(&a, "Retry-After"), Some("1"));
+    assert_eq!(
+        json(&a)["code"],
+        "too.many.requests.retry.after",
+        "the upstream's own body"
+    );
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("1"));
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_rejections_total{reason="upstream_timeout",route="presence"}"#)
+            .await,
+        0.0
+    );
+}
+
 /// A raw upstream: the first connection gets a 429 (Retry-After: 0) as soon as its head is in,
 /// before the body; later ones are read to the end and answered 200 with the body's length in
 /// `X-Body-Bytes`.
