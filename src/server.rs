@@ -251,6 +251,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let kind = tokio::select! {
             _ = term.recv() => {
+                exit_by(self.state.config().stop_timeout());
                 drain(&self.state).await;
                 ShutdownSignal::GracefulTerminate
             }
@@ -304,6 +305,19 @@ async fn drain(state: &Arc<State>) {
     while Instant::now() < until && state.active_requests() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The stop's hard bound (see [`crate::config::Config::stop_timeout`]): an upstream that
+/// trickles its answer, or an attempt sent at the drain's end, cannot keep the process past what
+/// its supervisor waits before SIGKILL. Pingora's own grace period would come later.
+fn exit_by(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::warn!(
+            "stop: still answering after {limit:?} (shutdown.drain_timeout + limits.upstream_timeout + 5 s); exiting now"
+        );
+        std::process::exit(0);
+    });
 }
 
 fn exit_when_idle(
