@@ -552,3 +552,88 @@ async fn bad_values_in_redis_count_as_absent_and_never_pause_for_ever() {
     assert_eq!(l.paused_for, Duration::ZERO, "{l:?}");
     assert!(l.slots[0] < Duration::from_millis(5), "{l:?}");
 }
+
+/// `max_wait` holds with replicas as it does alone: three replicas share a 20/s budget with
+/// `max_wait` 1 s and are offered three times that for 3 s. Every request that is sent waited
+/// at most `max_wait` (its `X-Shiftgate-Wait-Ms`), the rest are answered
+/// `429 shiftgate.queue.wait` with a `Retry-After`, and the budget is still used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replicas_no_request_waits_longer_than_max_wait() {
+    let redis = Redis::start();
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let cfg = ProxyConfig::new()
+        .budget("presence", r#"{ rate: "20/s" }"#)
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            budgets: [presence]
+            max_wait: "1s"
+            "#
+        ))
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("queue:\n  max_depth: 5000")
+        .yaml(&cluster_block(&redis));
+    let replicas = start_replicas(&cfg, emu.local_addr()).await;
+    let max_wait = Duration::from_secs(1);
+    let t0 = Instant::now();
+    // Each replica: 6 requests every 100 ms for 3 s (180/s together, nine times 20/s).
+    let mut handles = Vec::new();
+    for round in 0..30 {
+        for (r, replica) in replicas.iter().enumerate() {
+            for i in 0..6 {
+                let addr = replica.addr();
+                let user = format!("u{round}-{r}-{i}");
+                handles.push(tokio::spawn(async move {
+                    let t = Instant::now();
+                    let a = request(
+                        addr,
+                        http::Method::PATCH,
+                        &presence::path(&user),
+                        &[("Authorization", "Bearer t")],
+                        presence::BODY,
+                    )
+                    .await
+                    .unwrap();
+                    (a, t.elapsed())
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut worst_wait = 0u64;
+    let mut worst_answer = Duration::ZERO;
+    let (mut ok, mut refused) = (0, 0);
+    for h in handles {
+        let (a, took) = h.await.unwrap();
+        match a.status.as_u16() {
+            200 => {
+                ok += 1;
+                let w: u64 = header(&a, "X-Shiftgate-Wait-Ms").unwrap().parse().unwrap();
+                worst_wait = worst_wait.max(w);
+                worst_answer = worst_answer.max(took);
+            }
+            429 => {
+                assert_own_answer(&a, 429, "shiftgate.queue.wait");
+                assert!(header(&a, "Retry-After").unwrap().parse::<u64>().unwrap() >= 1);
+                refused += 1;
+            }
+            s => panic!("status {s}: {}", String::from_utf8_lossy(&a.body)),
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    println!(
+        "FIGURES cluster max_wait: {ok} sent (worst X-Shiftgate-Wait-Ms {worst_wait} for max_wait {max_wait:?}, slowest answer {worst_answer:?}), {refused} answered 429 queue.wait, over {elapsed:.2} s"
+    );
+    assert!(
+        worst_wait <= max_wait.as_millis() as u64 + 20,
+        "a request waited {worst_wait} ms"
+    );
+    assert!(refused > 0, "the load was over the budget");
+    // About 20/s while the load lasted (3 s and the last second of waits), the burst aside.
+    assert!(ok >= 60, "{ok} sent");
+    assert!(
+        ok as f64 <= 20.0 * elapsed + 5.0,
+        "{ok} sent in {elapsed:.2} s"
+    );
+}
