@@ -28,7 +28,7 @@ use crate::hygiene::check_head;
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Demand, Ticket};
-use crate::retry::{self, Attempt, Outcome, Verdict};
+use crate::retry::{self, Attempt, GiveUp, Outcome, Verdict};
 use crate::route::{find_route, hop_by_hop_headers, normalize_path, upstream_path};
 use crate::state::{ActiveRequest, State};
 use crate::throttle::{self, RetryWait};
@@ -67,7 +67,13 @@ pub struct Ctx {
     upstream_time: Duration,
     /// Our own answer's reason, when the proxy answered.
     reason: Option<Reason>,
+    /// Our own answer, when a hook decided it whole (`fail_to_proxy` writes it).
+    local_answer: Option<LocalResponse>,
+    /// The most body bytes any attempt has seen so far.
     body_bytes: usize,
+    /// Body bytes of the attempt in progress (a retry replays the start of the body, then the
+    /// rest streams on): each attempt is held to `limits.max_body_bytes`.
+    attempt_body_bytes: usize,
     body_read_up_front: bool,
     client_gone: bool,
     logged: bool,
@@ -240,7 +246,7 @@ impl Proxy {
             return Verdict::Done;
         };
         let method = &session.req_header().method;
-        let verdict = retry::decide(
+        let mut verdict = retry::decide(
             &cfg.retry,
             &Attempt {
                 outcome,
@@ -257,17 +263,67 @@ impl Proxy {
                 _ => 0,
             };
             let paced = !ctx.buckets.is_empty();
-            ctx.pending_retry = Some(throttle::retry_wait(status, delay, paced));
-            self.state
-                .metrics()
-                .retries_total
-                .with_label_values(&[self.route_label(ctx).as_str(), reason])
-                .inc();
+            let wait = throttle::retry_wait(status, delay, paced);
+            if wait == RetryWait::Requeue && !self.requeue(ctx, &cfg) {
+                verdict = Verdict::GiveUp(GiveUp::Deadline);
+            } else {
+                ctx.pending_retry = Some(wait);
+                self.state
+                    .metrics()
+                    .retries_total
+                    .with_label_values(&[self.route_label(ctx).as_str(), reason])
+                    .inc();
+            }
         }
         if let Verdict::GiveUp(why) = verdict {
             tracing::info!(route = %self.route_label(ctx), attempts = ctx.attempts, "not retrying: {why}");
         }
         verdict
+    }
+
+    /// The request's next attempt cannot start in time (its deadline passed in the queue, or
+    /// a retry's slot would come after it): `429 shiftgate.queue.wait`, with the honest
+    /// `Retry-After` of a request arriving now.
+    fn no_slot_in_time(&self, ctx: &mut Ctx, route: &str) -> Box<Error> {
+        let wait = self.state.pacer().predicted_wait(&ctx.buckets);
+        let msg = format!(
+            "route {route} is saturated: no slot was free in time; one is predicted in {:.1} s",
+            wait.as_secs_f64()
+        );
+        ctx.local_answer = Some(LocalResponse::new(Reason::QueueWait, msg).retry_after(wait));
+        ctx.reason = Some(Reason::QueueWait);
+        Error::explain(
+            ErrorType::HTTPStatus(Reason::QueueWait.status()),
+            "no slot in time",
+        )
+    }
+
+    /// A 429's retry takes its place in the queue now, while the upstream's 429 can still be
+    /// passed through: false when its slots cannot start before its deadline
+    /// (`retry.max_elapsed` after arrival). Deciding later, after waiting, would leave nothing
+    /// to answer with but a 504 of our own.
+    fn requeue(&self, ctx: &mut Ctx, cfg: &Config) -> bool {
+        let Some(route) = ctx.route(cfg) else {
+            return false;
+        };
+        let deadline = ctx.arrived + cfg.retry.max_elapsed;
+        let demand = Demand {
+            buckets: ctx.buckets.clone(),
+            priority: route.priority,
+            max_wait: deadline.saturating_duration_since(Instant::now()),
+            retry: true,
+            not_after: Some(tokio::time::Instant::from_std(deadline)),
+        };
+        match self.state.pacer().admit(demand) {
+            Ok(ticket) => {
+                self.enter_queue(ctx, ticket, &route.name);
+                true
+            }
+            Err(rejection) => {
+                tracing::debug!(route = %route.name, "retry not queued: {rejection}");
+                false
+            }
+        }
     }
 }
 
@@ -305,7 +361,9 @@ impl ProxyHttp for Proxy {
             attempts: 0,
             upstream_time: Duration::ZERO,
             reason: None,
+            local_answer: None,
             body_bytes: 0,
+            attempt_body_bytes: 0,
             body_read_up_front: false,
             client_gone: false,
             logged: false,
@@ -406,7 +464,8 @@ impl ProxyHttp for Proxy {
         Ok(false)
     }
 
-    /// Counts the body while it streams (bodies not read up front) against the limit.
+    /// Counts the body while it streams (bodies not read up front) against the limit, on every
+    /// attempt: a retry gets the replayed start of the body here, then the rest as it streams.
     async fn request_body_filter(
         &self,
         _session: &mut Session,
@@ -414,16 +473,17 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.body_read_up_front || ctx.attempts > 1 {
+        if ctx.body_read_up_front {
             return Ok(());
         }
         if let Some(b) = body {
-            ctx.body_bytes += b.len();
+            ctx.attempt_body_bytes += b.len();
+            ctx.body_bytes = ctx.body_bytes.max(ctx.attempt_body_bytes);
             let max = ctx
                 .config
                 .as_ref()
                 .map_or(usize::MAX, |c| c.limits.max_body_bytes);
-            if ctx.body_bytes > max {
+            if ctx.attempt_body_bytes > max {
                 ctx.reason = Some(Reason::BodyTooLarge);
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
             }
@@ -444,23 +504,20 @@ impl ProxyHttp for Proxy {
                     return Err(self.client_left(ctx));
                 }
             }
-            if !ctx.buckets.is_empty() {
-                let not_after = tokio::time::Instant::from_std(ctx.arrived + cfg.retry.max_elapsed);
+            // A 429's retry is queued already (see `requeue`); others queue now.
+            if !ctx.buckets.is_empty() && ctx.queued.is_none() {
+                let deadline = ctx.arrived + cfg.retry.max_elapsed;
+                let not_after = tokio::time::Instant::from_std(deadline);
                 let demand = Demand {
                     buckets: ctx.buckets.clone(),
                     priority: route.priority,
-                    max_wait: cfg.retry.max_elapsed,
+                    max_wait: deadline.saturating_duration_since(Instant::now()),
                     retry: true,
                     not_after: Some(not_after),
                 };
                 match self.state.pacer().admit(demand) {
                     Ok(t) => self.enter_queue(ctx, t, &route.name),
-                    Err(e) => {
-                        return Error::e_explain(
-                            ErrorType::InternalError,
-                            format!("retry not admitted: {e}"),
-                        )
-                    }
+                    Err(_) => return Err(self.no_slot_in_time(ctx, &route.name)),
                 }
             }
             // The time a retry waits is not queue wait; it is part of the upstream's answer.
@@ -474,16 +531,16 @@ impl ProxyHttp for Proxy {
             match waited {
                 None => return Err(self.client_left(ctx)),
                 Some(Err(_closed)) => {
-                    // Dropped from the queue: shutdown past its drain, or a retry past its
-                    // deadline.
-                    let reason = if self.state.is_draining() {
-                        Reason::ShuttingDown
-                    } else {
-                        Reason::UpstreamTimeout
-                    };
-                    ctx.reason = Some(reason);
+                    // Dropped from the queue: shutdown past its drain, or its deadline came
+                    // before a slot (a retry's, or in cluster mode `max_wait`, when the shared
+                    // budget gave others the slots admission counted on): then an honest
+                    // `429 shiftgate.queue.wait`, never a later start.
+                    if !self.state.is_draining() {
+                        return Err(self.no_slot_in_time(ctx, &route.name));
+                    }
+                    ctx.reason = Some(Reason::ShuttingDown);
                     return Error::e_explain(
-                        ErrorType::HTTPStatus(reason.status()),
+                        ErrorType::HTTPStatus(Reason::ShuttingDown.status()),
                         "left the queue without a slot",
                     );
                 }
@@ -521,6 +578,7 @@ impl ProxyHttp for Proxy {
         // Spread attempts over the addresses; a retry after a failed connect takes the next.
         let addr = addrs[(ctx.attempts as usize) % addrs.len()];
         ctx.attempts += 1;
+        ctx.attempt_body_bytes = 0;
         let inflight = &self.state.metrics().inflight_requests;
         ctx.attempt = Some(AttemptState {
             started: Instant::now(),
@@ -739,6 +797,11 @@ impl ProxyHttp for Proxy {
         // The connection is not reused after a failure: say so in the answer.
         session.set_keepalive(None);
         let code = match reason {
+            Some(reason) if can_write && ctx.local_answer.is_some() => {
+                let a = ctx.local_answer.take().expect("checked");
+                self.answer(session, ctx, a).await;
+                reason.status()
+            }
             Some(reason) if can_write => {
                 let msg = match reason {
                     Reason::UpstreamUnreachable => {

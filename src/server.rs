@@ -218,13 +218,6 @@ struct Watcher {
     state: Arc<State>,
 }
 
-/// What identifies one version of the config file.
-fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino(), m.dev()))
-}
-
 /// How often upstream names are looked up again (the cache's TTL is 30 s).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -242,7 +235,8 @@ impl BackgroundService for Watcher {
             }
         };
         let path = self.state.config_path().to_path_buf();
-        let mut stamp = file_stamp(&path);
+        // Only a version of the file two polls in a row agree on is loaded (see Settle).
+        let mut settle = crate::reload::Settle::new(crate::reload::file_version(&path));
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         // Upstream names are resolved here, off the request path, and kept fresh.
         let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
@@ -263,11 +257,10 @@ impl BackgroundService for Watcher {
                     if !self.state.config().watch_file {
                         continue;
                     }
-                    let now = file_stamp(&path);
-                    if now == stamp || now.is_none() {
+                    let now = crate::reload::file_version(&path);
+                    if !settle.poll(now) {
                         continue;
                     }
-                    stamp = now;
                     "file change"
                 }
             };
@@ -293,6 +286,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let kind = tokio::select! {
             _ = term.recv() => {
+                exit_by(self.state.config().stop_timeout());
                 drain(&self.state).await;
                 ShutdownSignal::GracefulTerminate
             }
@@ -346,6 +340,19 @@ async fn drain(state: &Arc<State>) {
     while Instant::now() < until && state.active_requests() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The stop's hard bound (see [`crate::config::Config::stop_timeout`]): an upstream that
+/// trickles its answer, or an attempt sent at the drain's end, cannot keep the process past what
+/// its supervisor waits before SIGKILL. Pingora's own grace period would come later.
+fn exit_by(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::warn!(
+            "stop: still answering after {limit:?} (shutdown.drain_timeout + limits.upstream_timeout + 5 s); exiting now"
+        );
+        std::process::exit(0);
+    });
 }
 
 fn exit_when_idle(

@@ -470,3 +470,170 @@ async fn sharing_adds_little_latency_and_few_redis_calls() {
         "{p99_on:?} vs {p99_off:?}"
     );
 }
+
+/// Garbage in a bucket's hash (another program, a bug, a hand edit): the store neither panics
+/// nor pauses for ever nor grants without bound; the bucket starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_in_redis_count_as_absent_and_never_pause_for_ever() {
+    use shiftgate::shared_budget::{LeaseRequest, RedisStore, SlotStore, ThrottleRequest};
+    let redis = Redis::start();
+    let store = RedisStore::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let lease = |key: &str| LeaseRequest {
+        key: key.to_string(),
+        interval: Duration::from_millis(10),
+        tolerance: Duration::ZERO,
+        count: 3,
+    };
+    let bad_values = [
+        "nan",
+        "NaN",
+        "inf",
+        "-inf",
+        "-5",
+        "1e300",
+        "banana",
+        "",
+        "99999999999999999999",
+    ];
+    for (i, bad) in bad_values.iter().enumerate() {
+        let key = format!("test:bad{i}");
+        redis.cli(&[
+            "HSET",
+            &key,
+            "tat",
+            bad,
+            "paused_until",
+            bad,
+            "lowered",
+            bad,
+            "ceiling",
+            bad,
+            "dec_at",
+            bad,
+        ]);
+        let l = store
+            .lease(lease(&key))
+            .await
+            .unwrap_or_else(|e| panic!("{bad:?}: {e}"));
+        // Spaced from now as a fresh bucket's are: not paused, not bunched up.
+        assert_eq!(l.slots.len(), 3, "{bad:?}");
+        assert!(l.slots[0] < Duration::from_millis(5), "{bad:?}: {l:?}");
+        assert!(l.slots[2] < Duration::from_millis(30), "{bad:?}: {l:?}");
+        assert_eq!(l.paused_for, Duration::ZERO, "{bad:?}");
+        assert_eq!(l.adaptive, None, "{bad:?}");
+        // What the script stored back is a plain number again.
+        let tat = redis.cli(&["HGET", &key, "tat"]);
+        assert!(tat.trim().parse::<u64>().is_ok(), "{bad:?}: tat {tat:?}");
+        // A throttle over garbage pauses for what it says, no longer.
+        redis.cli(&["HSET", &key, "tat", bad, "paused_until", bad]);
+        store
+            .throttle(ThrottleRequest {
+                key: key.clone(),
+                pause: Duration::from_millis(500),
+                tolerance: Duration::ZERO,
+                lowered: None,
+            })
+            .await
+            .unwrap();
+        let l = store.lease(lease(&key)).await.unwrap();
+        assert!(
+            l.paused_for <= Duration::from_millis(500) && l.paused_for > Duration::from_millis(300),
+            "{bad:?}: {l:?}"
+        );
+        assert!(l.slots[0] <= Duration::from_millis(500), "{bad:?}: {l:?}");
+    }
+    // A pause that would last a year: garbage too, not obeyed.
+    let key = "test:far";
+    let t = redis.cli(&["TIME"]);
+    let secs: u64 = t.lines().next().unwrap().trim().parse().unwrap();
+    let year = ((secs + 365 * 86_400) * 1_000_000).to_string();
+    redis.cli(&["HSET", key, "tat", &year, "paused_until", &year]);
+    let l = store.lease(lease(key)).await.unwrap();
+    assert_eq!(l.paused_for, Duration::ZERO, "{l:?}");
+    assert!(l.slots[0] < Duration::from_millis(5), "{l:?}");
+}
+
+/// `max_wait` holds with replicas as it does alone: three replicas share a 20/s budget with
+/// `max_wait` 1 s and are offered three times that for 3 s. Every request that is sent waited
+/// at most `max_wait` (its `X-Shiftgate-Wait-Ms`), the rest are answered
+/// `429 shiftgate.queue.wait` with a `Retry-After`, and the budget is still used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replicas_no_request_waits_longer_than_max_wait() {
+    let redis = Redis::start();
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let cfg = ProxyConfig::new()
+        .budget("presence", r#"{ rate: "20/s" }"#)
+        .route(&format!(
+            r#"
+            name: presence
+            match: {{ method: PATCH, path: "{PATH_TEMPLATE}" }}
+            budgets: [presence]
+            max_wait: "1s"
+            "#
+        ))
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("queue:\n  max_depth: 5000")
+        .yaml(&cluster_block(&redis));
+    let replicas = start_replicas(&cfg, emu.local_addr()).await;
+    let max_wait = Duration::from_secs(1);
+    let t0 = Instant::now();
+    // Each replica: 6 requests every 100 ms for 3 s (180/s together, nine times 20/s).
+    let mut handles = Vec::new();
+    for round in 0..30 {
+        for (r, replica) in replicas.iter().enumerate() {
+            for i in 0..6 {
+                let addr = replica.addr();
+                let user = format!("u{round}-{r}-{i}");
+                handles.push(tokio::spawn(async move {
+                    let t = Instant::now();
+                    let a = request(
+                        addr,
+                        http::Method::PATCH,
+                        &presence::path(&user),
+                        &[("Authorization", "Bearer t")],
+                        presence::BODY,
+                    )
+                    .await
+                    .unwrap();
+                    (a, t.elapsed())
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut worst_wait = 0u64;
+    let mut worst_answer = Duration::ZERO;
+    let (mut ok, mut refused) = (0, 0);
+    for h in handles {
+        let (a, took) = h.await.unwrap();
+        match a.status.as_u16() {
+            200 => {
+                ok += 1;
+                let w: u64 = header(&a, "X-Shiftgate-Wait-Ms").unwrap().parse().unwrap();
+                worst_wait = worst_wait.max(w);
+                worst_answer = worst_answer.max(took);
+            }
+            429 => {
+                assert_own_answer(&a, 429, "shiftgate.queue.wait");
+                assert!(header(&a, "Retry-After").unwrap().parse::<u64>().unwrap() >= 1);
+                refused += 1;
+            }
+            s => panic!("status {s}: {}", String::from_utf8_lossy(&a.body)),
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    println!(
+        "FIGURES cluster max_wait: {ok} sent (worst X-Shiftgate-Wait-Ms {worst_wait} for max_wait {max_wait:?}, slowest answer {worst_answer:?}), {refused} answered 429 queue.wait, over {elapsed:.2} s"
+    );
+    assert!(
+        worst_wait <= max_wait.as_millis() as u64 + 20,
+        "a request waited {worst_wait} ms"
+    );
+    assert!(refused > 0, "the load was over the budget");
+    // About 20/s while the load lasted (3 s and the last second of waits), the burst aside.
+    assert!(ok >= 60, "{ok} sent");
+    assert!(
+        ok as f64 <= 20.0 * elapsed + 5.0,
+        "{ok} sent in {elapsed:.2} s"
+    );
+}

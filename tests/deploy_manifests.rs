@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml::Value;
-use shiftgate::config::Config;
+use shiftgate::config::{Config, STOP_MARGIN};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -347,18 +347,28 @@ fn deployment_mounts_the_configmap_and_probes_the_admin_port() {
         }
         None => 0,
     };
-    let drain = config.shutdown.drain_timeout;
-    let needed = Duration::from_secs(pre_stop) + drain + Duration::from_secs(5);
-    println!(
-        "terminationGracePeriodSeconds {grace} > preStop {pre_stop} s + drain_timeout {drain:?} + 5 s"
+    // The stop rule (Config::stop_timeout): the process exits at the latest drain_timeout +
+    // upstream_timeout + 5 s after SIGTERM, whatever is in flight; preStop comes before it.
+    let stop = config.stop_timeout();
+    assert_eq!(
+        stop,
+        config.shutdown.drain_timeout + config.limits.upstream_timeout + STOP_MARGIN
     );
-    assert!(
-        Duration::from_secs(grace) > drain,
-        "terminationGracePeriodSeconds must exceed drain_timeout"
+    let needed = Duration::from_secs(pre_stop) + stop;
+    println!(
+        "terminationGracePeriodSeconds {grace} > preStop {pre_stop} s + drain_timeout {:?} + upstream_timeout {:?} + {STOP_MARGIN:?}",
+        config.shutdown.drain_timeout, config.limits.upstream_timeout
     );
     assert!(
         Duration::from_secs(grace) > needed,
-        "terminationGracePeriodSeconds {grace} does not cover preStop + drain_timeout + 5 s"
+        "terminationGracePeriodSeconds {grace} does not cover preStop + drain_timeout + \
+         upstream_timeout + 5 s ({needed:?})"
+    );
+    // Both places that state the figures say the value shipped.
+    assert!(
+        read("deploy/kubernetes/deployment.yaml")
+            .contains(&format!("{} < {grace}", needed.as_secs())),
+        "the deployment's comment states the sum against the grace period"
     );
 
     // Non-root, read-only root file system.
@@ -597,13 +607,31 @@ fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
          admin_token_env names an unset variable, and says which"
     );
 
+    // The stop rule, with the shipped config (the unit runs /etc/shiftgate/config.yaml).
     let stop = unit_seconds(one("TimeoutStopSec"));
-    let drain = shipped_config().shutdown.drain_timeout;
-    println!("TimeoutStopSec {stop} s > drain_timeout {drain:?} + 5 s");
-    assert!(
-        Duration::from_secs(stop) > drain + Duration::from_secs(5),
-        "TimeoutStopSec must exceed the drain timeout of /etc/shiftgate/config.yaml"
+    let config = shipped_config();
+    let bound = config.stop_timeout();
+    println!(
+        "TimeoutStopSec {stop} s > drain_timeout {:?} + upstream_timeout {:?} + {STOP_MARGIN:?} = {bound:?}",
+        config.shutdown.drain_timeout, config.limits.upstream_timeout
     );
+    assert!(
+        Duration::from_secs(stop) > bound,
+        "TimeoutStopSec must exceed drain_timeout + upstream_timeout + 5 s ({bound:?})"
+    );
+    assert!(
+        read("deploy/systemd/shiftgate.service").contains(&format!("({} s)", bound.as_secs())),
+        "the unit's comment states the bound for the shipped config"
+    );
+    // Docker's documented stop timeout too.
+    let docker = read("deploy/docker/Dockerfile");
+    let t: u64 = docker
+        .split("docker stop -t ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("the Dockerfile names a docker stop -t");
+    assert!(Duration::from_secs(t) > bound, "docker stop -t {t}");
 }
 
 /// The upgrade script's paths are those of the unit: same binary, config, upgrade socket, PID
@@ -643,6 +671,32 @@ fn upgrade_script_agrees_with_the_unit() {
         "shiftgate.service",
         "the unit file's name"
     );
+    // The new process runs under the unit's open-files limit, not the shell's (1,024): the
+    // script reads LimitNOFILE from the unit and sets soft and hard before exec'ing.
+    assert!(
+        unit.contains_key("LimitNOFILE"),
+        "the unit sets LimitNOFILE"
+    );
+    assert!(
+        script.contains("systemctl show -p LimitNOFILE --value \"$UNIT\""),
+        "the script takes LimitNOFILE from the unit"
+    );
+    assert!(
+        script.contains("ulimit -n \"$3\" && cd /") && script.contains("\"$nofile\" \\"),
+        "the new process is started with that limit"
+    );
+    // `ulimit -n N` in /bin/sh sets soft and hard together, and what it execs inherits both
+    // (a lower value here: raising the hard limit takes root's CAP_SYS_RESOURCE).
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n \"$1\" && exec sh -c 'ulimit -Sn; ulimit -Hn'",
+            "sh",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n1000\n");
 }
 
 /// (f) `sh -n`: the upgrade script parses as POSIX sh.

@@ -854,3 +854,87 @@ impl Drop for OldProcess {
         }
     }
 }
+
+/// An upstream that answers 200 and then trickles its body, one chunk every 300 ms, for as
+/// long as the connection lasts: no read ever times out, so the answer never ends.
+fn trickling_upstream() -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                while conn.write_all(b"1\r\na\r\n").is_ok() {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_drain_plus_upstream_timeout_even_with_an_answer_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = trickling_upstream();
+    let drain = Duration::from_secs(3);
+    let upstream_timeout = Duration::from_secs(1);
+    let mut proxy = ProxyProcess::start(
+        &config(
+            "10/s",
+            1,
+            "presence",
+            "/api/**",
+            "shutdown: { drain_timeout: \"3s\" }\nlimits: { upstream_timeout: \"1s\" }",
+        ),
+        upstream,
+    )
+    .await;
+    // One request whose answer never ends: read it slowly, in the background.
+    let mut client = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    client
+        .write_all(b"GET /api/v2/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = client.read(&mut first).await.unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "the answer has begun"
+    );
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        while matches!(client.read(&mut buf).await, Ok(k) if k > 0) {}
+    });
+
+    let t0 = Instant::now();
+    proxy.signal("TERM");
+    let code = tokio::task::block_in_place(|| proxy.wait_exit(Duration::from_secs(30)));
+    let took = t0.elapsed();
+    reader.abort();
+    // The stop rule: drain_timeout + upstream_timeout + 5 s (Config::stop_timeout).
+    let bound = drain + upstream_timeout + shiftgate::config::STOP_MARGIN;
+    println!(
+        "FIGURES stop: exited {:.2} s after SIGTERM with an answer in flight (bound {bound:?}; code {code:?})",
+        took.as_secs_f64()
+    );
+    assert_eq!(code, Some(0), "exited; log:\n{}", proxy.logs());
+    assert!(
+        took <= bound + Duration::from_millis(700),
+        "exited {took:?} after SIGTERM, bound {bound:?}"
+    );
+    assert!(
+        took >= drain + upstream_timeout,
+        "the answer in flight had its time: {took:?}"
+    );
+}

@@ -297,3 +297,120 @@ async fn replayed_bodies_are_byte_exact_and_non_idempotent_requests_are_not_rese
     assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("1"));
     assert!(t.elapsed() < Duration::from_millis(900));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_slot_comes_after_its_deadline_passes_the_upstream_429_not_a_504() {
+    // 20/min: the first request takes the slot of the next 3 s. Its 429 says Retry-After 1,
+    // which max_elapsed (2 s) would allow, but the budget has no slot before 3 s: no attempt
+    // can start in time, so the upstream's 429 goes to the client at once (it used to wait
+    // until the deadline and answer 504 of its own).
+    let emu = emulator("token_rate_per_minute: 0\nfaults:\n  - { kind: outage_429, duration: \"60s\", retry_after: 1 }\n").await;
+    let proxy = ProxyProcess::start(
+        &config("20/min", "retry:\n  max_elapsed: \"2s\"\n"),
+        emu.local_addr(),
+    )
+    .await;
+    let (a, took) = patch_presence(proxy.addr()).await;
+    assert_eq!(a.status, 429, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(header(&a, "Retry-After"), Some("1"));
+    assert_eq!(
+        json(&a)["code"],
+        "too.many.requests.retry.after",
+        "the upstream's own body"
+    );
+    assert_eq!(header(&a, "X-Shiftgate-Attempts"), Some("1"));
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(
+        proxy
+            .metric(r#"shiftgate_rejections_total{reason="upstream_timeout",route="presence"}"#)
+            .await,
+        0.0
+    );
+}
+
+/// A raw upstream: the first connection gets a 429 (Retry-After: 0) as soon as its head is in,
+/// before the body; later ones are read to the end and answered 200 with the body's length in
+/// `X-Body-Bytes`.
+fn early_429_upstream() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                let head_end = loop {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                if n == 0 {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n",
+                    );
+                    // Drain what follows so the proxy's writes do not fail first.
+                    conn.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                    while matches!(conn.read(&mut chunk), Ok(k) if k > 0) {}
+                    return;
+                }
+                // Chunked body: read to the terminating zero-length chunk.
+                conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                while !buf[head_end..].ends_with(b"0\r\n\r\n") {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                let body = buf.len() - head_end;
+                let _ = conn.write_all(
+                    format!("HTTP/1.1 200 OK\r\nX-Body-Bytes: {body}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_limit_holds_on_a_retry_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = early_429_upstream();
+    let cfg = ProxyConfig::new()
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml("limits:\n  max_body_bytes: 5000");
+    let proxy = ProxyProcess::start(&cfg, upstream).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    // A streamed body (no Content-Length): 1,000 bytes, then, once the first attempt met its
+    // 429 and the retry replayed them, 20,000 more: four times the limit.
+    s.write_all(
+        b"POST /api/v2/things HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let chunk = |n: usize| format!("{n:x}\r\n{}\r\n", "a".repeat(n));
+    s.write_all(chunk(1000).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..10 {
+        if s.write_all(chunk(2000).as_bytes()).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "the second attempt is held to the limit too: {answer}"
+    );
+    assert!(answer.contains("shiftgate.body.too.large"), "{answer}");
+    assert!(answer.contains("X-Shiftgate-Attempts: 2"), "{answer}");
+}

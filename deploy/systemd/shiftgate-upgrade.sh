@@ -17,7 +17,8 @@
 # Keeping systemd in charge: systemd only knows the old process. So the new one is started in
 # the unit's control group, as the unit's user, inside the old process's mount namespace
 # (ProtectSystem=, ProtectHome=, PrivateTmp=, ReadWritePaths=), with the old process's
-# environment (EnvironmentFile=: SHIFTGATE_ADMIN_TOKEN), no capabilities, no new privileges, and
+# environment (EnvironmentFile=: SHIFTGATE_ADMIN_TOKEN), the unit's open-files limit
+# (LimitNOFILE=; this shell's would be 1,024), no capabilities, no new privileges, and
 # its output in the journal of the unit. Its PID goes into the unit's PIDFile= before the old
 # process is told to go: systemd re-reads PIDFile= when the main process exits and adopts the
 # new process, so `systemctl status|reload|stop` keep working. Not carried over until the next
@@ -62,6 +63,13 @@ procs=$CGROUP_ROOT$cgroup/cgroup.procs                 # cgroup v2
 # shellcheck disable=SC2015
 [ -n "$cgroup" ] && [ -e "$procs" ] || die "control group of $UNIT not found"
 
+# The unit's open-files limit (LimitNOFILE=, soft and hard): the new process must not inherit
+# this shell's (often 1,024: one client connection too many and it refuses the next).
+nofile=$(systemctl show -p LimitNOFILE --value "$UNIT")
+case $nofile in
+'' | *[!0-9]*) die "LimitNOFILE of $UNIT is not a number: $nofile" ;;
+esac
+
 # 2. The environment systemd gave the old process, one VAR=value per argument of `env -i`
 #    (values spanning several lines are not supported). JOURNAL_STREAM is left out: it
 #    described the old process's stderr; systemd-cat sets up a new one.
@@ -82,7 +90,9 @@ env -i "$@" "$BIN" check --config "$CONFIG" >/dev/null || die "$BIN rejects $CON
 
 # 4. Start the new process in a session of its own (it outlives this script, no terminal signal
 #    reaches it). Every step execs the next, so the PID that sh writes is shiftgate's:
-#      sh           joins the unit's control group, tells us its PID;
+#      sh           joins the unit's control group, tells us its PID, takes the unit's
+#                   open-files limit (`ulimit -n` sets soft and hard at once, in either
+#                   direction; root may raise it);
 #      nsenter      enters the old process's mount namespace (the unit's file system view);
 #      setpriv      becomes the unit's user, without capabilities or new privileges;
 #      systemd-cat  sends stdout/stderr to the journal (journalctl -u shiftgate);
@@ -90,9 +100,9 @@ env -i "$@" "$BIN" check --config "$CONFIG" >/dev/null || die "$BIN rejects $CON
 rm -f "$SOCK"
 # shellcheck disable=SC2016 # $$, $1... belong to the inner sh
 "$SETSID" -f env -i "$@" /bin/sh -c '
-    echo $$ >"$1" && echo $$ >"$2" && cd / || exit 1
-    shift 2
-    exec "$@"' sh "$procs" "$tmp/new.pid" \
+    echo $$ >"$1" && echo $$ >"$2" && ulimit -n "$3" && cd / || exit 1
+    shift 3
+    exec "$@"' sh "$procs" "$tmp/new.pid" "$nofile" \
     "$NSENTER" --target "$old" --mount -- \
     "$SETPRIV" --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups \
     --inh-caps=-all --bounding-set=-all --no-new-privs -- \

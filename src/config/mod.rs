@@ -386,6 +386,10 @@ pub struct ShutdownSettings {
     pub drain_timeout: Duration,
 }
 
+/// What a stop adds to the drain and the upstream timeout before the process exits for certain:
+/// the last answers' writes and the runtimes' shutdown (1 s).
+pub const STOP_MARGIN: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterSettings {
     pub redis_url: String,
@@ -394,6 +398,25 @@ pub struct ClusterSettings {
 }
 
 impl Config {
+    /// The longest a stop takes, SIGTERM to exit: `shutdown.drain_timeout` (requests already
+    /// waiting are still paced and sent), then `limits.upstream_timeout` (an attempt sent at the
+    /// drain's end gets its answer), then [`STOP_MARGIN`]. The process exits then, whatever is
+    /// still in flight. Whatever stops it must wait longer before SIGKILL: systemd's
+    /// `TimeoutStopSec`, Kubernetes's `terminationGracePeriodSeconds` (with preStop on top).
+    ///
+    /// ```
+    /// let c = shiftgate::config::Config::parse(
+    ///     "listen: \"127.0.0.1:1\"\nupstreams: { api: { url: \"http://127.0.0.1:2\" } }\nroutes: [{ name: all, match: { path: \"/**\" } }]\n",
+    /// ).unwrap();
+    /// assert_eq!(c.stop_timeout(), std::time::Duration::from_secs(30 + 30 + 5));
+    /// ```
+    pub fn stop_timeout(&self) -> Duration {
+        self.shutdown
+            .drain_timeout
+            .saturating_add(self.limits.upstream_timeout)
+            .saturating_add(STOP_MARGIN)
+    }
+
     /// Reads and validates a config file; `admin_token_env` is looked up in the process's
     /// environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

@@ -121,9 +121,24 @@ impl Bucket {
     }
 
     /// Start of the request `ahead` places behind the current state (see [`Gcra::predict`]).
+    /// While leasing, the local schedule is not where the slots come from: the prediction is
+    /// the shared schedule's as leases showed it (see [`Leases::predict`]), so that admission
+    /// does not count on the whole rate when other replicas take most of it.
     pub fn predict(&self, now: Nanos, ahead: u64) -> Nanos {
         let limit = self.limit(now);
-        self.gcra.predict(now, ahead, &limit).max(self.paused_until)
+        let local = self.gcra.predict(now, ahead, &limit).max(self.paused_until);
+        match self.shared.as_ref().filter(|l| l.leasing) {
+            Some(l) => {
+                let whole = Limit::new(self.adaptive.rate(now), self.burst);
+                let shared = l.predict(now, ahead, whole.interval).max(self.paused_until);
+                if l.divisor > 1.0 {
+                    shared.max(local)
+                } else {
+                    shared
+                }
+            }
+            None => local,
+        }
     }
 
     /// The lease this bucket should ask for now, with `waiting` requests on it.
@@ -224,15 +239,16 @@ impl Bucket {
             self.paused_until = paused;
         }
         let until = self.paused_until;
+        let interval = Limit::new(self.adaptive.rate(base), self.burst).interval;
         if let Some(l) = self.shared.as_mut() {
             l.fetching = false;
-            l.slots.extend(
-                lease
-                    .slots
-                    .iter()
-                    .map(|d| base + d.as_nanos() as Nanos)
-                    .filter(|&t| t >= until),
-            );
+            let slots: Vec<Nanos> = lease
+                .slots
+                .iter()
+                .map(|d| base.saturating_add(d.as_nanos() as Nanos))
+                .collect();
+            l.learn(&slots, base, until, interval);
+            l.slots.extend(slots.into_iter().filter(|&t| t >= until));
         }
     }
 

@@ -36,7 +36,19 @@ pub(super) struct Leases {
     /// period after it is back, while other replicas may still pace on their own share.
     pub divisor: f64,
     pub grace_until: Nanos,
+    /// The end of the shared schedule as our last lease showed it (its last slot plus one
+    /// interval), in our time: no slot we lease later starts before it.
+    schedule_end: Nanos,
+    /// Slots of the shared schedule per slot of ours, lately (1: we are alone), from the gaps
+    /// other replicas' leases left between ours; decayed, so it follows the load.
+    ours: f64,
+    others: f64,
 }
+
+/// How much of the share estimate each lease keeps from before (per lease).
+const SHARE_DECAY: f64 = 0.7;
+/// The most replicas the share estimate assumes.
+const MAX_CONTENTION: f64 = 64.0;
 
 impl Leases {
     pub fn new(key: String, store_up: bool, fallback_replicas: u32) -> Leases {
@@ -52,7 +64,56 @@ impl Leases {
                 f64::from(fallback_replicas)
             },
             grace_until: 0,
+            schedule_end: 0,
+            ours: 0.0,
+            others: 0.0,
         }
+    }
+
+    /// Slots of the shared schedule per slot of ours, lately: 1 alone, about N with N replicas
+    /// as busy as we are.
+    pub fn contention(&self) -> f64 {
+        if self.ours <= 0.0 {
+            return 1.0;
+        }
+        ((self.ours + self.others) / self.ours).clamp(1.0, MAX_CONTENTION)
+    }
+
+    /// Learns from the slots of a lease (in our time, in order) what the shared schedule is
+    /// doing: slots between the end of our previous lease (or the store's now, `base`, or the
+    /// pause's end, whichever is later) and the first of this one went to other replicas.
+    pub fn learn(&mut self, slots: &[Nanos], base: Nanos, paused_until: Nanos, interval: Nanos) {
+        let (Some(&first), Some(&last)) = (slots.first(), slots.last()) else {
+            return;
+        };
+        let interval = interval.max(1);
+        let from = self.schedule_end.max(base).max(paused_until);
+        let others = first.saturating_sub(from) / interval;
+        self.ours = self.ours * SHARE_DECAY + slots.len() as f64;
+        self.others = self.others * SHARE_DECAY + others as f64;
+        self.schedule_end = self.schedule_end.max(last.saturating_add(interval));
+    }
+
+    /// Start of the request `ahead` places behind those waiting for slots, from what the
+    /// shared schedule showed: our leased slots first, then slots after the schedule's end at
+    /// our share of the rate. An estimate (others lease after it is made), not a bound.
+    pub fn predict(&self, now: Nanos, ahead: u64, interval: Nanos) -> Nanos {
+        let leased = self.slots.iter().filter(|&&t| t >= now).count() as u64;
+        if ahead < leased {
+            return self
+                .slots
+                .iter()
+                .filter(|&&t| t >= now)
+                .nth(ahead as usize)
+                .copied()
+                .unwrap_or(now);
+        }
+        let beyond = (ahead - leased) as f64;
+        let per_slot = interval as f64 * self.contention();
+        let from = now
+            .max(self.schedule_end)
+            .max(self.slots.back().map_or(0, |&t| t.saturating_add(interval)));
+        from.saturating_add((beyond * per_slot) as Nanos)
     }
 
     /// One leased slot was used, at `at`.

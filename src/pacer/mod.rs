@@ -57,7 +57,8 @@ pub struct Demand {
     pub max_wait: Duration,
     /// A retry goes to the head of its queues.
     pub retry: bool,
-    /// For retries: never wait past this instant (the caller's own deadline).
+    /// Never wait past this instant (a retry's own deadline); in cluster mode every request
+    /// has one, `max_wait` after arrival. Past it the ticket answers [`Closed`].
     pub not_after: Option<Instant>,
 }
 
@@ -370,6 +371,13 @@ impl Pacer {
         let now = st.now();
         st.queue.update(budgets, max_depth, aging, now);
         self.pass(st);
+    }
+
+    /// How long a request on `buckets` arriving now would be predicted to wait.
+    pub fn predicted_wait(&self, buckets: &[BucketKey]) -> Duration {
+        let st = self.lock();
+        let now = st.now();
+        Duration::from_nanos(st.queue.predicted_start(now, buckets).saturating_sub(now))
     }
 
     /// Requests waiting now.

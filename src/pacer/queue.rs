@@ -217,18 +217,24 @@ impl<W> Queue<W> {
             seq: id,
         };
         let predicted = Duration::from_nanos(self.predict(now, &demand.buckets, &order) - now);
-        if !demand.retry {
-            if self.waiters.len() >= self.max_depth {
-                // Honest hint: when the queue ahead should have drained by.
-                return Err(Rejection::Full {
-                    depth: self.waiters.len(),
-                    retry_after: predicted.max(Duration::from_secs(1)),
-                });
-            }
-            if predicted > demand.max_wait {
-                return Err(Rejection::TooLong { wait: predicted });
-            }
+        // A retry was admitted once already: it is not counted against the depth.
+        if !demand.retry && self.waiters.len() >= self.max_depth {
+            // Honest hint: when the queue ahead should have drained by.
+            return Err(Rejection::Full {
+                depth: self.waiters.len(),
+                retry_after: predicted.max(Duration::from_secs(1)),
+            });
         }
+        if predicted > demand.max_wait {
+            return Err(Rejection::TooLong { wait: predicted });
+        }
+        // In cluster mode the prediction is an estimate (other replicas take slots from the
+        // same schedule after it was made): the wait is bounded by a deadline instead, and a
+        // request still waiting then leaves the queue (its caller answers `queue.wait`).
+        let not_after = match (not_after, &self.cluster) {
+            (None, Some(_)) => Some(now.saturating_add(demand.max_wait.as_nanos() as Nanos)),
+            (n, _) => n,
+        };
         let Some(first) = demand.buckets.first().cloned() else {
             return Ok(Admitted::Now(payload));
         };
@@ -252,6 +258,22 @@ impl<W> Queue<W> {
             self.deadlines.insert((t, id));
         }
         Ok(Admitted::Queued { id, predicted })
+    }
+
+    /// When a request arriving at `now` on `buckets` would be predicted to start (the honest
+    /// `Retry-After` of a refusal).
+    pub fn predicted_start(&self, now: Nanos, buckets: &[BucketKey]) -> Nanos {
+        let known: Vec<BucketKey> = buckets
+            .iter()
+            .filter(|b| self.lanes.contains_key(*b))
+            .cloned()
+            .collect();
+        let last = OrderKey {
+            class: 1,
+            at: now,
+            seq: u64::MAX,
+        };
+        self.predict(now, &known, &last)
     }
 
     /// Requests waiting now.
@@ -678,7 +700,8 @@ impl<W> Queue<W> {
         (released, wake)
     }
 
-    /// Drops retries whose own deadline has passed (their caller gives up on them).
+    /// Drops waiters whose deadline has passed (retries', and in cluster mode everyone's
+    /// `max_wait`): their callers answer without a slot.
     fn expire(&mut self, now: Nanos) {
         while let Some(&(t, id)) = self.deadlines.first() {
             if t > now {

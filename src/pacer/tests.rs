@@ -729,3 +729,115 @@ async fn a_hold_ends_by_itself_when_no_answer_comes() {
         "{at:?}"
     );
 }
+
+/// Item: `max_wait` holds in cluster mode as it does alone. Three replicas share one 60/s
+/// budget through the store; each is offered 100/s (five times the budget together) for 4 s,
+/// with `max_wait` 1 s. Every request either starts within its second of arrival or is refused
+/// (at arrival, or at its deadline when the other replicas took the slots admission counted
+/// on), and the budget is still used in full.
+#[tokio::test(start_paused = true)]
+async fn with_replicas_no_admitted_request_starts_later_than_its_max_wait() {
+    let store = Arc::new(crate::shared_budget::MemoryStore::default());
+    let budget = spec("g", 60.0, 1, Per::Global);
+    let max_wait = Duration::from_secs(1);
+    let pacers: Vec<Pacer> = (0..3)
+        .map(|_| {
+            Pacer::new(
+                std::slice::from_ref(&budget),
+                10_000,
+                Duration::from_secs(10),
+            )
+            .with_store(store.clone(), "test:", 3)
+        })
+        .collect();
+    #[derive(Debug)]
+    enum End {
+        Refused,
+        Started(Duration),
+        Late(Duration),
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let t0 = Instant::now();
+    // 20 requests per replica every 200 ms, for 4 s.
+    for _ in 0..20 {
+        for p in &pacers {
+            for _ in 0..20 {
+                let mut d = demand(p, &[("g", None)], Priority::Normal);
+                d.max_wait = max_wait;
+                let arrived = Instant::now();
+                match p.admit(d) {
+                    Err(Rejection::TooLong { wait }) => {
+                        assert!(wait > max_wait);
+                        tx.send(End::Refused).unwrap();
+                    }
+                    Err(e) => panic!("{e}"),
+                    Ok(mut ticket) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let end = match ticket.granted().await {
+                                Ok(g) => {
+                                    let waited = g.at - arrived;
+                                    g.commit();
+                                    End::Started(waited)
+                                }
+                                Err(Closed) => End::Late(arrived.elapsed()),
+                            };
+                            tx.send(end).unwrap();
+                        });
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(tx);
+    let mut ends = Vec::new();
+    while let Some(e) = rx.recv().await {
+        ends.push(e);
+    }
+    let total = t0.elapsed();
+    assert_eq!(ends.len(), 1200);
+    let waits: Vec<Duration> = ends
+        .iter()
+        .filter_map(|e| match e {
+            End::Started(w) => Some(*w),
+            _ => None,
+        })
+        .collect();
+    let refused = ends.iter().filter(|e| matches!(e, End::Refused)).count();
+    let late: Vec<Duration> = ends
+        .iter()
+        .filter_map(|e| match e {
+            End::Late(w) => Some(*w),
+            _ => None,
+        })
+        .collect();
+    let worst = waits.iter().max().copied().unwrap_or_default();
+    println!(
+        "FIGURES cluster max_wait: {} started (worst wait {worst:?} for max_wait {max_wait:?}), {refused} refused at arrival, {} refused at their deadline, over {total:?}",
+        waits.len(),
+        late.len()
+    );
+    // The bound: no request starts after its deadline (timer granularity aside).
+    assert!(
+        worst <= max_wait + Duration::from_millis(3),
+        "worst wait {worst:?}"
+    );
+    // Refused late means refused at the deadline, not later.
+    for w in &late {
+        assert!(*w <= max_wait + Duration::from_millis(3), "left at {w:?}");
+    }
+    // The budget is still used: about 60/s over the ~5 s the load and its last waits last.
+    let expected = 60.0 * total.as_secs_f64();
+    assert!(
+        waits.len() as f64 >= 0.85 * expected,
+        "{} started, {expected:.0} possible",
+        waits.len()
+    );
+    // Admission predicts from the shared schedule: most refusals happen on arrival.
+    assert!(
+        late.len() < refused / 2,
+        "{} refused late, {refused} on arrival",
+        late.len()
+    );
+}

@@ -19,9 +19,18 @@ use super::{Lease, LeaseRequest, SharedAdaptive, SlotStore, StoreError, Throttle
 const LEASE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ahead = tonumber(ARGV[5])
+-- A stored time that is not a number, not finite, negative or further ahead than any real
+-- schedule goes (garbage, another program's key, a bug) counts as absent: the bucket starts
+-- afresh (at most one burst early) rather than pausing for ever.
+local function time(v)
+  local x = tonumber(v)
+  if x == nil or x ~= x or x < 0 or x > now + ahead then return nil end
+  return x
+end
 local h = redis.call('HMGET', KEYS[1], 'tat', 'paused_until', 'lowered', 'ceiling', 'dec_at')
-local tat = tonumber(h[1]) or 0
-local paused = tonumber(h[2]) or 0
+local tat = time(h[1]) or 0
+local paused = time(h[2]) or 0
 local interval = tonumber(ARGV[1])
 local tol = tonumber(ARGV[2])
 local slots = {}
@@ -30,10 +39,11 @@ for i = 1, tonumber(ARGV[3]) do
   tat = math.max(tat, s) + interval
   slots[i] = s - now
 end
-redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat))
+redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat), 'paused_until', string.format('%.0f', paused))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local ago = -1
-if h[5] then ago = now - tonumber(h[5]) end
+local dec = time(h[5])
+if dec and dec <= now then ago = now - dec end
 return {slots, math.max(0, paused - now), h[3] or '', h[4] or '', ago}
 "#;
 
@@ -42,10 +52,16 @@ return {slots, math.max(0, paused - now), h[3] or '', h[4] or '', ago}
 const THROTTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ahead = tonumber(ARGV[6])
+local function time(v)
+  local x = tonumber(v)
+  if x == nil or x ~= x or x < 0 or x > now + ahead then return nil end
+  return x
+end
 local pu = now + tonumber(ARGV[1])
-local paused = tonumber(redis.call('HGET', KEYS[1], 'paused_until')) or 0
+local paused = time(redis.call('HGET', KEYS[1], 'paused_until')) or 0
 if pu > paused then
-  local tat = tonumber(redis.call('HGET', KEYS[1], 'tat')) or 0
+  local tat = time(redis.call('HGET', KEYS[1], 'tat')) or 0
   redis.call('HSET', KEYS[1], 'paused_until', string.format('%.0f', pu),
     'tat', string.format('%.0f', math.max(tat, pu + tonumber(ARGV[2]))))
 end
@@ -61,6 +77,13 @@ return 1
 pub const REDIS_TIMEOUT: Duration = Duration::from_millis(200);
 
 const KEY_TTL: Duration = Duration::from_secs(120);
+
+/// The furthest ahead of Redis's clock a stored time may be: the longest pause (durations are
+/// bounded to 24 h) plus a long backlog of slots. A time further ahead is garbage (see the
+/// scripts), as is a returned slot or pause past it (see [`checked_lease`]).
+fn max_ahead(interval: Duration) -> Duration {
+    Duration::from_secs(25 * 3600).saturating_add(interval.saturating_mul(1000))
+}
 
 pub struct RedisStore {
     client: redis::Client,
@@ -100,6 +123,61 @@ impl RedisStore {
     }
 }
 
+/// A lease as Redis answered it, checked: slot delays and the pause must be whole, not
+/// negative and within `max_ahead`, else the answer is an error (the caller falls back to its
+/// local share, as for an outage: never a pause for ever, never unbounded slots). A shared rate
+/// that is not a finite positive number at most its ceiling is ignored (the bucket keeps its
+/// own).
+/// Above any rate the config accepts (1,000,000/s).
+const MAX_RATE: f64 = 1e7;
+
+fn checked_lease(
+    slots: &[i64],
+    paused: i64,
+    lowered: &str,
+    ceiling: &str,
+    ago: i64,
+    max_ahead: Duration,
+) -> Result<Lease, StoreError> {
+    let limit = us(max_ahead) as i64;
+    let delay = |what: &str, v: i64| {
+        if (0..=limit).contains(&v) {
+            Ok(Duration::from_micros(v as u64))
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "Redis answered an implausible {what}: {v} µs"
+            )))
+        }
+    };
+    let slots = slots
+        .iter()
+        .map(|&s| delay("slot start", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let paused_for = delay("pause", paused)?;
+    let adaptive = match (lowered.parse::<f64>(), ceiling.parse::<f64>()) {
+        (Ok(lowered), Ok(ceiling))
+            if lowered.is_finite()
+                && ceiling.is_finite()
+                && lowered > 0.0
+                && lowered <= ceiling
+                && ceiling <= MAX_RATE
+                && (0..=limit).contains(&ago) =>
+        {
+            Some(SharedAdaptive {
+                lowered,
+                ceiling,
+                ago: Duration::from_micros(ago as u64),
+            })
+        }
+        _ => None,
+    };
+    Ok(Lease {
+        slots,
+        paused_for,
+        adaptive,
+    })
+}
+
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
@@ -119,25 +197,18 @@ impl SlotStore for RedisStore {
             .arg(us(req.tolerance))
             .arg(req.count)
             .arg(KEY_TTL.as_millis() as u64)
+            .arg(us(max_ahead(req.interval)))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let adaptive = match (lowered.parse::<f64>(), ceiling.parse::<f64>(), ago >= 0) {
-            (Ok(lowered), Ok(ceiling), true) => Some(SharedAdaptive {
-                lowered,
-                ceiling,
-                ago: Duration::from_micros(ago as u64),
-            }),
-            _ => None,
-        };
-        Ok(Lease {
-            slots: slots
-                .into_iter()
-                .map(|s| Duration::from_micros(s.max(0) as u64))
-                .collect(),
-            paused_for: Duration::from_micros(paused.max(0) as u64),
-            adaptive,
-        })
+        checked_lease(
+            &slots,
+            paused,
+            &lowered,
+            &ceiling,
+            ago,
+            max_ahead(req.interval),
+        )
     }
 
     async fn throttle(&self, req: ThrottleRequest) -> Result<(), StoreError> {
@@ -155,6 +226,7 @@ impl SlotStore for RedisStore {
             .arg(lowered)
             .arg(ceiling)
             .arg(KEY_TTL.as_millis() as u64)
+            .arg(us(max_ahead(Duration::from_secs(86_400))))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -168,5 +240,52 @@ impl SlotStore for RedisStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AHEAD: Duration = Duration::from_secs(100);
+
+    #[test]
+    fn a_sane_answer_is_taken_as_it_is() {
+        let l = checked_lease(&[0, 10_000], 5, "2.5", "10", 7, AHEAD).unwrap();
+        assert_eq!(
+            l.slots,
+            vec![Duration::ZERO, Duration::from_millis(10)],
+            "microseconds"
+        );
+        assert_eq!(l.paused_for, Duration::from_micros(5));
+        assert_eq!(
+            l.adaptive.map(|a| (a.lowered, a.ceiling)),
+            Some((2.5, 10.0))
+        );
+    }
+
+    #[test]
+    fn implausible_slots_or_pauses_are_an_error_and_bad_rates_are_ignored() {
+        // Negative or past the furthest plausible time: the store is not trusted.
+        assert!(checked_lease(&[-1], 0, "", "", -1, AHEAD).is_err());
+        assert!(checked_lease(&[0, i64::MAX], 0, "", "", -1, AHEAD).is_err());
+        assert!(checked_lease(&[0], 200_000_000, "", "", -1, AHEAD).is_err());
+        assert!(checked_lease(&[0], -5, "", "", -1, AHEAD).is_err());
+        // A shared rate that is no rate: the bucket keeps its own.
+        for (lowered, ceiling) in [
+            ("NaN", "10"),
+            ("inf", "inf"),
+            ("-3", "10"),
+            ("0", "10"),
+            ("20", "10"),
+            ("1e400", "1e400"),
+            ("1e300", "1e300"),
+            ("abc", "10"),
+        ] {
+            let l = checked_lease(&[0], 0, lowered, ceiling, 1, AHEAD).unwrap();
+            assert_eq!(l.adaptive, None, "{lowered}/{ceiling}");
+        }
+        let l = checked_lease(&[0], 0, "1", "10", i64::MAX, AHEAD).unwrap();
+        assert_eq!(l.adaptive, None, "a decrease in the future");
     }
 }
