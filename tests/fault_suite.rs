@@ -4,7 +4,7 @@
 //! answered (any complete HTTP answer, or for malformed HTTP a 4xx or a close without anything
 //! forwarded) and those lost, which must be none, and how long the slowest answer took. Each
 //! prints its row (`FAULT | ...`) and writes it under the test target's tmp dir
-//! (`fault-suite/<fault>.md`): `RELIABILITY.md` is built from those rows.
+//! (`fault-suite/<fault>.md`, the fault's name with every other character than a letter or digit a `-`): `RELIABILITY.md` is built from those rows.
 
 mod common;
 
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::presence::{self, DEFINITIONS_PATH, PATH_TEMPLATE};
+use common::redis::Redis;
 use common::*;
 use http::Method;
 use shiftgate::harness::ReservedPort;
@@ -72,7 +73,11 @@ impl Tally {
         println!("FAULT {row}");
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-suite");
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("{fault}.md")), format!("{row}\n")).unwrap();
+        let file: String = fault
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        std::fs::write(dir.join(format!("{file}.md")), format!("{row}\n")).unwrap();
         assert!(self.lost.is_empty(), "{fault}: lost {:?}", self.lost);
         assert!(
             self.cut <= self.upstream_cuts,
@@ -581,5 +586,40 @@ async fn connections_past_max_connections() {
     tally.report(
         "60 connections at once, max_connections 20 (503: shiftgate.overloaded)",
         Duration::from_secs(3),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_and_back_under_load() {
+    let mut redis = Redis::start();
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let cluster = format!(
+        "queue:\n  max_wait: \"30s\"\ncluster:\n  redis_url: \"{}\"\n  key_prefix: \"faults:\"\n  fallback_replicas: 1\n",
+        redis.url()
+    );
+    let proxy = ProxyProcess::start(&config("40/s", &cluster), emu.local_addr()).await;
+    // 160 updates at 40/s: about 4 s. Redis is away from the first second to the third.
+    let load = tokio::spawn(burst(proxy.addr(), 160, presence_patch));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.kill();
+    proxy
+        .wait_for_metric("shiftgate_cluster_redis_up", Duration::from_secs(5), |up| {
+            up == 0.0
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.spawn();
+    let tally = load.await.unwrap();
+    proxy
+        .wait_for_metric(
+            "shiftgate_cluster_redis_up",
+            Duration::from_secs(10),
+            |up| up == 1.0,
+        )
+        .await;
+    assert_eq!(tally.statuses.get(&200), Some(&160), "{:?}", tally.statuses);
+    tally.report(
+        "Redis lost for 2 s and back, 160 updates at 40/s",
+        Duration::from_secs(8),
     );
 }

@@ -6,6 +6,7 @@
 //! - [`config`]: [`ProxyConfig`], the one place a proxy's config.yaml is written.
 //! - [`proxy`]: [`ProxyProcess`], the binary as a child process: logs, signals, an upgrade's new
 //!   process, metrics, config replaced by rename.
+//! - [`redis`]: [`redis::Redis`], a real redis-server on a reserved port.
 //! - [`presence`]: the presence API's paths, bodies and definition id; a presence-limited
 //!   emulator.
 //! - [`prom`]: the Prometheus text format parsed, `promtool`, a real Prometheus, PromQL split.
@@ -19,6 +20,7 @@ pub mod html;
 pub mod presence;
 pub mod prom;
 pub mod proxy;
+pub mod redis;
 pub mod wait;
 
 use std::net::SocketAddr;
