@@ -396,11 +396,6 @@ impl Pacer {
             .collect()
     }
 
-    /// Buckets of `budget` kept now.
-    pub fn keys(&self, budget: &str) -> usize {
-        self.lock().queue.keys(budget)
-    }
-
     /// Releases every waiter now with [`Closed`] (shutdown past its drain).
     pub fn close_all(&self) {
         let closed = self.lock().queue.close_all();

@@ -100,8 +100,9 @@ struct Lane {
 struct Tally {
     keys: usize,
     waiting: usize,
-    /// The latest end of a pause of any of its buckets (pauses only ever extend, and a bucket
-    /// is forgotten only once its pause is over, so this is the longest pause in force).
+    /// The latest end of a pause of any of its buckets: pauses only ever extend, and an idle
+    /// bucket's pause is over, so this is the longest pause in force (a paused bucket that a
+    /// full table evicted, the last resort, leaves its pause here until it ends).
     paused_until: Nanos,
     /// Buckets whose rate may be lowered now (pruned by [`Queue::view`]).
     lowered: HashSet<Option<[u8; 16]>>,
