@@ -17,8 +17,9 @@
 //!
 //! **Deciding** (pure: no Pingora, no sockets; tested on paused time)
 //! - [`pacer`]: the queue; a request waits until every bucket of its route grants a slot.
-//!   [`pacer::queue`] decides from (state, now) whom to admit and release; the handle reads the
-//!   clock, delivers grants and, in cluster mode, leases slots.
+//!   [`pacer::queue`] decides from (state, now) whom to admit and release, and which keys of a
+//!   keyed budget to forget (at most `max_keys`, idle ones first); the handle reads the clock,
+//!   delivers grants and, in cluster mode, leases slots.
 //! - [`throttle`]: what an upstream 429 means: pause, probe, learn the limit, retry delay.
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures.
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).

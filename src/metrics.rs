@@ -37,6 +37,8 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_cluster_redis_up", "gauge"),
     ("shiftgate_cluster_fallback_seconds_total", "counter"),
     ("shiftgate_connections", "gauge"),
+    ("shiftgate_queue_max_depth", "gauge"),
+    ("shiftgate_budget_paused_seconds", "gauge"),
 ];
 
 /// The `listener` label of `shiftgate_connections`: the plain HTTP listener, the HTTPS one.
@@ -130,6 +132,11 @@ pub struct Metrics {
     /// `shiftgate_connections{listener}`: client connections open now; `listener` is `plain` or
     /// `tls`.
     pub connections: IntGaugeVec,
+    /// `shiftgate_queue_max_depth`: `queue.max_depth` in force.
+    pub queue_max_depth: IntGauge,
+    /// `shiftgate_budget_paused_seconds{budget}`: time left on a pause after an upstream 429
+    /// (the longest among the budget's buckets; 0: none). Set on each scrape.
+    pub budget_paused_seconds: GaugeVec,
 }
 
 impl Metrics {
@@ -259,6 +266,18 @@ impl Metrics {
         for listener in LISTENERS {
             connections.with_label_values(&[listener]);
         }
+        let queue_max_depth = IntGauge::with_opts(Opts::new(
+            "shiftgate_queue_max_depth",
+            "queue.max_depth in force: requests that may wait at once, all routes together.",
+        ))
+        .expect("valid metric options");
+        register(&registry, queue_max_depth.clone());
+        let budget_paused_seconds = gauge_vec(
+            &registry,
+            "shiftgate_budget_paused_seconds",
+            "Seconds left on a pause after an upstream 429, by budget (the longest among its keys; 0: none).",
+            &["budget"],
+        );
 
         Metrics {
             registry,
@@ -281,6 +300,8 @@ impl Metrics {
             cluster_redis_up,
             cluster_fallback_seconds_total,
             connections,
+            queue_max_depth,
+            budget_paused_seconds,
         }
     }
 
@@ -290,8 +311,8 @@ impl Metrics {
     /// Per route: `requests_total` and `upstream_responses_total` for 200 and 429, every
     /// rejection reason, `client_disconnects_total`, `queue_depth`, `inflight_requests`, the
     /// retry reasons 429/502/503/504/connect and the three histograms. Per budget:
-    /// `budget_throttles_total` (the rate gauges are set by the caller, as a 0 there would read
-    /// as "paused"). Both reload results.
+    /// `budget_throttles_total` and `budget_paused_seconds` (the rate gauges are set by the
+    /// caller, as a 0 there would read as "paused"). Both reload results.
     ///
     /// Called at start and after each reload: names new to the config are added; series of
     /// routes and budgets that left it stay, so their counters do not appear to reset.
@@ -325,6 +346,7 @@ impl Metrics {
         }
         for &budget in budgets {
             self.budget_throttles_total.with_label_values(&[budget]);
+            self.budget_paused_seconds.with_label_values(&[budget]);
         }
         for result in ["success", "failure"] {
             self.config_reloads_total.with_label_values(&[result]);

@@ -158,6 +158,7 @@ impl State {
         let routes: Vec<&str> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
         let budgets: Vec<&str> = cfg.budgets.iter().map(|b| b.name.as_str()).collect();
         self.metrics.init_labels(&routes, &budgets);
+        self.metrics.queue_max_depth.set(cfg.queue.max_depth as i64);
         for b in &cfg.budgets {
             self.metrics
                 .budget_configured_rate
@@ -167,7 +168,7 @@ impl State {
         self.refresh_rates();
     }
 
-    /// Copies the rates in force (and the shared store's state) into their gauges.
+    /// Copies the rates in force, the pauses (and the shared store's state) into their gauges.
     pub fn refresh_rates(&self) {
         if let Some((up, fallback)) = self.pacer.store_status() {
             self.metrics.cluster_redis_up.set(i64::from(up));
@@ -179,11 +180,16 @@ impl State {
                 *last = fallback;
             }
         }
+        // O(budgets + buckets slowed now), never every key: see `Queue::view`.
         for v in self.pacer.view() {
             self.metrics
                 .budget_rate
                 .with_label_values(&[v.name.as_str()])
                 .set(v.rate_in_force);
+            self.metrics
+                .budget_paused_seconds
+                .with_label_values(&[v.name.as_str()])
+                .set(v.paused_for.as_secs_f64());
         }
     }
 
@@ -229,7 +235,14 @@ impl State {
                 q.push_back(event);
             }
         }
-        self.refresh_rates();
+        // Only the buckets of this request: a 429 must not visit every key. A lowered rate
+        // shows at once; the scrape's full refresh raises it again as it recovers.
+        for (name, rate) in self.pacer.rates_of(buckets) {
+            let gauge = self.metrics.budget_rate.with_label_values(&[name.as_str()]);
+            if rate < gauge.get() {
+                gauge.set(rate);
+            }
+        }
     }
 
     /// The latest upstream 429s, oldest first.

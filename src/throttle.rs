@@ -192,14 +192,23 @@ pub fn passes_through(verdict: &Verdict) -> bool {
 
 /// A gap this long between two grants starts a new upstream window.
 pub const WINDOW_IDLE: Nanos = 1_000_000_000;
-/// Grants remembered per window (a per-minute window at 100/s is 6000).
-pub const WINDOW_CAP: usize = 20_000;
+/// Grant times remembered per bucket: the most recent ones (older ones are only counted). A
+/// 429 comes back within seconds of its grant, which is then among the last 4096 unless the
+/// bucket grants over 1,000 a second; 32 KiB at most per bucket.
+pub const WINDOW_CAP: usize = 4096;
+/// Capacity a new window starts with; a window that outgrew it gives the rest back.
+const WINDOW_SPARE: usize = 16;
 
 /// Rule "learn", its evidence: the grants of a bucket since the upstream's window presumably
 /// began (after an idle gap of [`WINDOW_IDLE`] or a pause), what a 429 is measured against.
+///
+/// Bounded: it keeps the last [`WINDOW_CAP`] grant times and counts the older ones, and each
+/// new window releases the memory a busy one took, so an idle bucket holds a few bytes.
 #[derive(Debug, Clone, Default)]
 pub struct WindowLog {
     grants: VecDeque<Nanos>,
+    /// Grants of this window no longer remembered one by one (the oldest).
+    forgotten: u64,
     start: Nanos,
 }
 
@@ -216,16 +225,24 @@ impl WindowLog {
         };
         if fresh {
             self.grants.clear();
+            self.grants.shrink_to(WINDOW_SPARE);
+            self.forgotten = 0;
             self.start = at;
         }
         if self.grants.len() == WINDOW_CAP {
             self.grants.pop_front();
+            self.forgotten += 1;
         }
         self.grants.push_back(at);
     }
 
+    /// Grant times held now, and the capacity they take (for the bound's tests).
+    pub fn held(&self) -> (usize, usize) {
+        (self.grants.len(), self.grants.capacity())
+    }
+
     /// The upstream's limit as learned from a 429 of a request granted at `sent`, when the 429
-    /// carried a `Retry-After` and the window is known whole.
+    /// carried a `Retry-After` and the grants before `sent` are known (counted, at least).
     ///
     /// ```
     /// use std::time::Duration;
@@ -237,10 +254,14 @@ impl WindowLog {
     /// ```
     pub fn estimate(&self, sent: Nanos, retry_after: Option<Duration>) -> Option<f64> {
         let ra = retry_after?;
-        if sent < self.start || self.grants.len() == WINDOW_CAP {
+        if sent < self.start {
             return None;
         }
-        let before = self.grants.partition_point(|&g| g < sent) as u64;
+        // Granted before the grants remembered one by one: how many came before it is lost.
+        if self.forgotten > 0 && self.grants.front().is_none_or(|&g| sent < g) {
+            return None;
+        }
+        let before = self.forgotten + self.grants.partition_point(|&g| g < sent) as u64;
         let ra_secs = ra.as_secs() + u64::from(ra.subsec_nanos() > 0);
         Adaptive::estimate(self.start, sent, before, ra_secs)
     }
@@ -566,6 +587,29 @@ mod tests {
         let mut w2 = WindowLog::default();
         w2.record(5 * S, 0);
         assert_eq!(w2.estimate(S, Some(Duration::from_secs(1))), None);
+    }
+
+    #[test]
+    fn the_window_log_is_bounded_and_gives_memory_back() {
+        let mut w = WindowLog::default();
+        // 30,000 grants at 1 kHz: one window, the last WINDOW_CAP remembered, the rest counted
+        for i in 0..30_000 {
+            w.record(i * MS, 0);
+        }
+        let (len, cap) = w.held();
+        assert_eq!(len, WINDOW_CAP);
+        assert!(cap < 2 * WINDOW_CAP, "capacity {cap}");
+        // a 429 on the last grant still counts all 29,999 before it: 1,000 a second... over a
+        // 30 s span, which fits the per-minute window: 29,999 / 60
+        let est = w.estimate(29_999 * MS, Some(Duration::from_secs(31)));
+        assert_eq!(est, Some(29_999.0 / 60.0));
+        // one granted before those remembered: nothing to learn
+        assert_eq!(w.estimate(MS, Some(Duration::from_secs(31))), None);
+        // a new window after an idle gap releases what the busy one took
+        w.record(40 * S, 0);
+        let (len, cap) = w.held();
+        assert_eq!(len, 1);
+        assert!(cap <= 2 * WINDOW_SPARE, "capacity {cap}");
     }
 
     #[test]

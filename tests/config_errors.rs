@@ -54,6 +54,7 @@ fixtures!(
     absurd_values,
     bad_path_template,
     bad_burst,
+    bad_max_keys,
     bad_per,
     ambiguous_upstream,
     bad_url,

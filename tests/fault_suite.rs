@@ -1,10 +1,12 @@
 //! The fault suite: the real binary with one fault injected per test — an upstream that refuses,
-//! resets, stalls or storms 5xx, a client that leaves, a SIGTERM on a full queue, a broken
-//! reload, a body over the limit, malformed HTTP. Each test counts the requests it sent, those
-//! answered (any complete HTTP answer, or for malformed HTTP a 4xx or a close without anything
-//! forwarded) and those lost, which must be none, and how long the slowest answer took. Each
-//! prints its row (`FAULT | ...`) and writes it under the test target's tmp dir
-//! (`fault-suite/<fault>.md`, the fault's name with every other character than a letter or digit a `-`): `RELIABILITY.md` is built from those rows.
+//! resets mid-answer, stalls or storms 5xx; clients that leave while queued, trickle their heads,
+//! open more connections than allowed or send malformed HTTP and bodies over the limit; 100,000
+//! distinct tokens; SIGTERM on a full queue; a broken reload; Redis lost and back. Each test
+//! counts the requests it sent, those answered (a whole HTTP answer; for a malformed or trickled
+//! head, a 4xx or a close with nothing sent on), those cut (the upstream's own cut, passed on)
+//! and those lost, which must be none, and the slowest answer. Each prints its row
+//! (`FAULT | ...`) and writes it to `target/tmp/fault-suite/<fault>.md`: `RELIABILITY.md` is
+//! built from those rows.
 
 mod common;
 
@@ -19,9 +21,10 @@ use common::redis::Redis;
 use common::*;
 use http::Method;
 use shiftgate::harness::ReservedPort;
-use shiftgate::loadtest::client::{Answer, ClientError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use shiftgate::loadtest::client::{AgentConnection, Answer, ClientError};
+use shiftgate::loadtest::Target;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
 /// What one fault did to the requests sent through it.
 #[derive(Default)]
@@ -47,6 +50,18 @@ impl Tally {
             Err(ClientError::Body { .. }) => self.cut += 1,
             Err(e) => self.lost.push(e.to_string()),
         }
+    }
+
+    /// Adds `other`'s requests to these.
+    fn add(&mut self, other: Tally) {
+        self.sent += other.sent;
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.cut += other.cut;
+        self.upstream_cuts += other.upstream_cuts;
+        self.lost.extend(other.lost);
+        self.slowest = self.slowest.max(other.slowest);
     }
 
     fn answered(&self) -> usize {
@@ -621,5 +636,147 @@ async fn redis_lost_and_back_under_load() {
     tally.report(
         "Redis lost for 2 s and back, 160 updates at 40/s",
         Duration::from_secs(8),
+    );
+}
+
+/// Rotating tokens: one request each through a per-token budget with `max_keys`.
+const TOKENS: usize = 100_000;
+const CONNECTIONS: usize = 50;
+const MAX_KEYS: u64 = 1000;
+
+/// An upstream that answers every request head with `200 ok`, keeping the connection.
+async fn fixed_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    // The end of a request head (the requests here have no body).
+                    if line.is_empty() {
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        if write.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The resident set of process `pid`, in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// The per-token budget's keys, from `/status.json`.
+async fn keys(proxy: &ProxyProcess) -> u64 {
+    let a = get(proxy.admin(), "/status.json").await.unwrap();
+    let v = json(&a);
+    v["budgets"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "per-token"))
+        .and_then(|b| b["keys"].as_u64())
+        .expect("per-token in /status.json")
+}
+
+/// Sends tokens `from..to` over `CONNECTIONS` keep-alive connections, one request per token;
+/// their tally.
+async fn send_tokens(addr: SocketAddr, from: usize, to: usize) -> Tally {
+    let mut clients = Vec::new();
+    for c in 0..CONNECTIONS {
+        clients.push(tokio::spawn(async move {
+            let mut conn = AgentConnection::new(Target::parse(&format!("http://{addr}")).unwrap());
+            let mut tally = Tally::default();
+            for i in (from + c..to).step_by(CONNECTIONS) {
+                let token = format!("Bearer rotating-{i:06}");
+                let t = Instant::now();
+                let a = send(
+                    &mut conn,
+                    Method::GET,
+                    "/api/v2/users/me",
+                    &[("Authorization", &token)],
+                    Bytes::new(),
+                )
+                .await;
+                tally.record(a, t.elapsed());
+            }
+            tally
+        }));
+    }
+    let mut tally = Tally::default();
+    for c in clients {
+        tally.add(c.await.unwrap());
+    }
+    tally
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_keep_the_key_table_and_memory_bounded() {
+    let upstream = fixed_upstream().await;
+    let config = ProxyConfig::new()
+        .budget(
+            "per-token",
+            &format!(r#"{{ rate: "300/min", per: token, max_keys: {MAX_KEYS} }}"#),
+        )
+        .route(r#"{ name: default, match: { path: "/**" }, budgets: [per-token] }"#);
+    let proxy = ProxyProcess::start(&config, upstream).await;
+    let pid = proxy.pid();
+
+    // Warm up: the table fills to max_keys, connections and buffers are made.
+    let started = Instant::now();
+    let warm = 10_000;
+    let mut tally = send_tokens(proxy.addr(), 0, warm).await;
+    let rss_warm = vm_rss_kib(pid);
+    let keys_warm = keys(&proxy).await;
+    let half = (warm + TOKENS) / 2;
+    tally.add(send_tokens(proxy.addr(), warm, half).await);
+    let rss_half = vm_rss_kib(pid);
+    tally.add(send_tokens(proxy.addr(), half, TOKENS).await);
+    let took = started.elapsed();
+    let rss_end = vm_rss_kib(pid);
+    let keys_end = keys(&proxy).await;
+    let growth = rss_end as i64 - rss_warm as i64;
+    println!(
+        "{TOKENS} tokens in {:.1} s ({:.0}/s); per-token keys {keys_warm} after {warm}, \
+         {keys_end} after {TOKENS}; VmRSS {rss_warm} KiB after {warm}, {rss_half} KiB after \
+         {half}, {rss_end} KiB after \
+         {TOKENS} ({growth:+} KiB, {:.1} bytes per token since the warm-up)",
+        took.as_secs_f64(),
+        TOKENS as f64 / took.as_secs_f64(),
+        growth as f64 * 1024.0 / (TOKENS - warm) as f64,
+    );
+    assert!(keys_warm <= MAX_KEYS && keys_end <= MAX_KEYS);
+    // Unbounded, 90,000 more keys would be some 35 MiB (400 bytes each, benches/keys.rs)
+    // before the hash table's growth: allow a quarter of that for allocator noise.
+    assert!(
+        growth < 8 * 1024,
+        "VmRSS grew by {growth} KiB over {} tokens",
+        TOKENS - warm
+    );
+    assert_eq!(
+        tally.statuses.get(&200),
+        Some(&TOKENS),
+        "{:?}",
+        tally.statuses
+    );
+    tally.report(
+        &format!(
+            "100,000 distinct tokens, max_keys 1,000 (VmRSS {:+.1} MiB after the first 10,000)",
+            growth as f64 / 1024.0
+        ),
+        Duration::from_secs(5),
     );
 }

@@ -358,6 +358,20 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
         in_force > 0.0 && in_force < 20.0,
         "rate in force {in_force} after 429s"
     );
+    // The queue's bound in force (the default), and the pauses: each 429 paused presence for
+    // its Retry-After of 1 s at most, so what is left of a pause is between 0 and 1 s.
+    assert_eq!(sum(&samples, "shiftgate_queue_max_depth", &[]), 10_000.0);
+    for budget in BUDGETS {
+        let paused = sum(
+            &samples,
+            "shiftgate_budget_paused_seconds",
+            &[("budget", *budget)],
+        );
+        assert!(
+            (0.0..=1.0).contains(&paused),
+            "{budget} paused for {paused} s"
+        );
+    }
     // The config loaded at start took effect at start (not at the Unix epoch).
     let loaded = sum(
         &samples,

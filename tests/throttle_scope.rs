@@ -110,6 +110,15 @@ async fn one_tokens_own_limit_does_not_stall_the_other_tokens() {
         wait + 2 >= ra && wait <= ra + 1,
         "Retry-After {wait} for a pause of {ra}"
     );
+    // The scrape shows the pause: the per-token budget's longest is that token's.
+    let paused = proxy
+        .metric(r#"shiftgate_budget_paused_seconds{budget="per-token"}"#)
+        .await;
+    println!("FIGURES throttle-scope: shiftgate_budget_paused_seconds{{budget=\"per-token\"}} {paused} (Retry-After {ra} s)");
+    assert!(
+        paused + 3.0 >= ra as f64 && paused <= ra as f64 + 1.0,
+        "per-token paused for {paused} s after a Retry-After of {ra} s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,7 +258,16 @@ pub struct BudgetSpec {
     pub per: Per,
     /// The rate in force never goes below this after upstream 429s.
     pub min_rate: Rate,
+    /// Keyed budgets: the most keys (buckets) kept at once; idle keys are evicted first (see
+    /// [`crate::pacer::queue`]). Unused by a global budget.
+    pub max_keys: usize,
 }
+
+/// `max_keys` when the config names none.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+/// The largest `max_keys` accepted: at well under 1 KiB per idle key, 10 million keys is
+/// already gigabytes.
+pub const MAX_KEYS_CAP: i64 = 10_000_000;
 
 /// A budget's `min_rate` when its config names none, as a share of its `rate`.
 const DEFAULT_MIN_RATE_SHARE: f64 = 0.1;
@@ -280,6 +289,7 @@ impl BudgetSpec {
             burst,
             per,
             min_rate: Rate::per_second(rate.per_second * DEFAULT_MIN_RATE_SHARE),
+            max_keys: DEFAULT_MAX_KEYS,
         }
     }
 }
@@ -611,6 +621,21 @@ mod tests {
         assert!(c.watch_file);
         let off = Config::parse(&format!("{MINIMAL}reload:\n  watch_file: false\n")).unwrap();
         assert!(!off.watch_file);
+    }
+
+    #[test]
+    fn max_keys_defaults_to_100000_and_is_read_for_keyed_budgets() {
+        let text = format!(
+            "{MINIMAL}budgets:\n  a: {{ rate: \"5/s\", per: token }}\n  b: {{ rate: \"5/s\", per: \"header:X-User\", max_keys: 1000 }}\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.budgets[0].max_keys, DEFAULT_MAX_KEYS);
+        assert_eq!(DEFAULT_MAX_KEYS, 100_000);
+        assert_eq!(c.budgets[1].max_keys, 1000);
+        // a reload applies it (the pacer trims to a smaller one): no restart needed
+        let mut new = c.clone();
+        new.budgets[1].max_keys = 10;
+        assert!(c.restart_needed(&new).is_empty());
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub(super) struct RawBudget {
     pub per: Option<String>,
     #[serde(default)]
     pub min_rate: Option<String>,
+    #[serde(default)]
+    pub max_keys: Option<i64>,
 }
 
 #[derive(Deserialize)]

@@ -22,8 +22,9 @@ pub(super) struct Bucket {
     pub paused_until: Nanos,
     /// What a 429 is measured against to learn the upstream's limit.
     window: WindowLog,
-    /// In cluster mode: slots leased from the shared store.
-    pub shared: Option<Leases>,
+    /// In cluster mode: slots leased from the shared store (boxed: a keyed budget keeps many
+    /// buckets, most never in cluster mode, and inline it would be half of each).
+    pub shared: Option<Box<Leases>>,
     /// After a 429 whose limit may be another key's: one probe, then wait for its answer.
     hold: Option<Hold>,
 }
@@ -49,13 +50,13 @@ impl Bucket {
             ),
             paused_until: 0,
             window: WindowLog::default(),
-            shared,
+            shared: shared.map(Box::new),
             hold: None,
         }
     }
 
     fn leasing(&mut self) -> Option<&mut Leases> {
-        self.shared.as_mut().filter(|l| l.leasing)
+        self.shared.as_deref_mut().filter(|l| l.leasing)
     }
 
     /// Gives back a slot taken at `now` and not used.
@@ -154,6 +155,15 @@ impl Bucket {
             .as_ref()
             .is_none_or(|l| !l.fetching && l.slots.back().is_none_or(|&t| t < now))
             && self.gcra.is_idle(now)
+            && self.paused_until <= now
+            && self.hold.is_none_or(|h| h.until <= now)
+            && self.adaptive.is_settled(now)
+    }
+
+    /// Nothing but its schedule keeps it from being idle: unpaused, at its configured rate, no
+    /// hold, not leasing. Such a bucket becomes idle by itself within `burst` intervals.
+    pub fn is_plain(&self, now: Nanos) -> bool {
+        self.shared.is_none()
             && self.paused_until <= now
             && self.hold.is_none_or(|h| h.until <= now)
             && self.adaptive.is_settled(now)

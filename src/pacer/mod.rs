@@ -3,7 +3,8 @@
 //! delivers its releases as [`Grant`]s, runs the scheduler task and, in cluster mode, fetches
 //! leases from the shared store.
 //!
-//! - [`queue`]: who is admitted and who is released, a pure function of (state, now).
+//! - [`queue`]: who is admitted and who is released, a pure function of (state, now); and the
+//!   keyed budgets' tables, bounded by `max_keys` (idle keys forgotten first).
 //! - `bucket`: one bucket's pacing state (GCRA, pause, the window a 429 is measured against).
 //! - `lease`: cluster mode's leased slots and when to ask for more.
 //!
@@ -386,9 +387,21 @@ impl Pacer {
     }
 
     /// The rate in force and state of every configured budget.
+    /// Costs O(budgets + buckets slowed by a 429 now), not O(keys): see [`Queue::view`].
     pub fn view(&self) -> Vec<BudgetView> {
+        let mut st = self.lock();
+        let now = st.now();
+        st.queue.view(now)
+    }
+
+    /// The rate in force of each of `buckets` (what a 429 on them changed), by budget name.
+    pub fn rates_of(&self, buckets: &[BucketKey]) -> Vec<(String, f64)> {
         let st = self.lock();
-        st.queue.view(st.now())
+        st.queue
+            .rates_of(buckets, st.now())
+            .into_iter()
+            .map(|(name, r)| (name.to_string(), r))
+            .collect()
     }
 
     /// Releases every waiter now with [`Closed`] (shutdown past its drain).

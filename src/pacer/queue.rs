@@ -18,8 +18,35 @@
 //! was stopped, so that a later candidate may use a bucket an earlier one does not need now
 //! (a token that has spent its own budget does not hold back the shared presence budget), but
 //! never one that an earlier candidate is ready for.
+//!
+//! # Keys
+//! A keyed budget (`per: token | client_ip | header:`) has one bucket per key, created on the
+//! key's first request; rotating tokens or IPv6 addresses would grow the table without end, so
+//! it is bounded by the budget's `max_keys`. A bucket with nobody waiting on it is *drained*;
+//! each keyed budget keeps its drained buckets in a ring, least recently drained first (a
+//! bucket leaves the ring lazily, by stamp, when someone waits on it again). A drained bucket
+//! that is *idle* (it would grant now at full burst, unpaused, at its configured rate: see
+//! [`Bucket::is_idle`]) is the same as no bucket, so it may be forgotten at any time:
+//! - every admission turns the hand of its budgets by [`SWEEP_STEPS`] entries, dropping the
+//!   idle buckets it meets; a bucket that is not idle for a lasting reason (paused, slowed by a
+//!   429, holding) goes to the back, a bucket that is merely recently used stops the hand
+//!   (those behind it were drained later still). A pass every [`SWEEP_EVERY`] turns it by up
+//!   to [`SWEEP_BATCH`], so keys are forgotten while no one arrives too;
+//! - a new key that finds `max_keys` buckets evicts an idle one among the first
+//!   [`EVICT_SEARCH`] of the ring, else the least recently drained one, preferring one that is
+//!   merely recently used over a paused one. Such a key loses its pacing state: its next
+//!   request is paced like a fresh key's (at worst a burst of `burst` early, which the
+//!   upstream answers with a 429 that pauses it again). Refusing the new key instead would
+//!   refuse clients that did nothing wrong to protect ones that left;
+//! - a bucket with requests waiting is never evicted: they hold its place. So the table holds
+//!   at most `max_keys` buckets, or more only while every bucket over that has someone waiting
+//!   (bounded by `queue.max_depth`); the next pass after they drain trims it back.
+//!
+//! Nothing here scans the whole table on a request: admission costs O(log n) plus a bounded
+//! number of hand steps, and [`Queue::view`] reads per-budget tallies kept up as buckets come,
+//! go, wait, pause and slow down (it visits only the buckets whose rate is lowered now).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +60,15 @@ use super::bucket::{Bucket, LATE_SLACK};
 use super::lease::{ClusterState, STORE_PROBE};
 use super::{BucketKey, BudgetView, Demand, Rejection};
 
-/// How often idle keyed buckets are looked for and dropped.
-const SWEEP_EVERY: Nanos = 10_000_000_000;
+/// How often a pass turns every keyed budget's hand by up to [`SWEEP_BATCH`].
+pub const SWEEP_EVERY: Nanos = 10_000_000_000;
+/// Ring entries a periodic sweep visits per budget (about 50 µs under the lock).
+pub const SWEEP_BATCH: usize = 1024;
+/// Ring entries an admission visits per keyed budget: more than the one entry an admission
+/// can add, so the ring's stale entries and idle keys go as fast as they come.
+pub const SWEEP_STEPS: usize = 2;
+/// Ring entries looked at for an idle bucket before a table at `max_keys` evicts a busy one.
+pub const EVICT_SEARCH: usize = 16;
 
 /// Queue order; smaller goes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,6 +90,25 @@ struct Lane {
     firsts: BTreeMap<OrderKey, u64>,
     /// Set when its budget left the config: it drains its queue and is then dropped.
     orphan: bool,
+    /// Keyed: the stamp of its live entry in its budget's ring (while drained).
+    stamp: u64,
+}
+
+/// One budget's tallies, kept up as its buckets change so that [`Queue::view`] need not visit
+/// them all, and, for a keyed budget, its ring of drained buckets (see the module doc).
+#[derive(Debug, Default)]
+struct Tally {
+    keys: usize,
+    waiting: usize,
+    /// The latest end of a pause of any of its buckets: pauses only ever extend, and an idle
+    /// bucket's pause is over, so this is the longest pause in force (a paused bucket that a
+    /// full table evicted, the last resort, leaves its pause here until it ends).
+    paused_until: Nanos,
+    /// Buckets whose rate may be lowered now (pruned by [`Queue::view`]).
+    lowered: HashSet<Option<[u8; 16]>>,
+    /// Keyed: drained buckets, least recently drained first, with their stamp; an entry whose
+    /// stamp is not its bucket's is stale.
+    ring: VecDeque<([u8; 16], u64)>,
 }
 
 #[derive(Debug)]
@@ -102,6 +155,11 @@ pub struct Pass<W> {
 pub struct Queue<W> {
     specs: HashMap<Arc<str>, BudgetSpec>,
     lanes: HashMap<BucketKey, Lane>,
+    /// Per budget name (configured or not, while it has buckets).
+    tallies: HashMap<Arc<str>, Tally>,
+    /// Keyed budgets that may hold more than `max_keys` buckets (see [`Queue::trim`]).
+    over: HashSet<Arc<str>>,
+    next_stamp: u64,
     waiters: HashMap<u64, Waiter<W>>,
     /// Release candidates, in order: the head of each lane's `firsts`.
     candidates: BTreeSet<(OrderKey, u64)>,
@@ -137,6 +195,9 @@ impl<W> Queue<W> {
         Queue {
             specs: specs_by_name(budgets),
             lanes: HashMap::new(),
+            tallies: HashMap::new(),
+            over: HashSet::new(),
+            next_stamp: 0,
             waiters: HashMap::new(),
             candidates: BTreeSet::new(),
             need: HashMap::new(),
@@ -183,22 +244,64 @@ impl<W> Queue<W> {
     ) -> Result<Admitted<W>, Rejection> {
         demand.buckets.sort();
         demand.buckets.dedup();
+        let mut created = Vec::new();
         for b in &demand.buckets {
+            if b.key.is_some() {
+                self.sweep_keys(&b.budget, now, SWEEP_STEPS);
+            }
             if self.lanes.contains_key(b) {
                 continue;
             }
             let Some(spec) = self.specs.get(&b.budget) else {
                 continue;
             };
+            if b.key.is_some() {
+                let max_keys = spec.max_keys;
+                while self
+                    .tallies
+                    .get(&b.budget)
+                    .is_some_and(|t| t.keys >= max_keys)
+                {
+                    if !self.evict_one(&b.budget, now) {
+                        // Every bucket has someone waiting: over max_keys until they leave.
+                        self.over.insert(b.budget.clone());
+                        break;
+                    }
+                }
+            }
+            let spec = &self.specs[&b.budget];
             let leases = self.cluster.as_ref().map(|c| c.leases(b));
             let lane = Lane {
                 bucket: Bucket::new(spec, self.guard, leases),
                 waiting: BTreeMap::new(),
                 firsts: BTreeMap::new(),
                 orphan: false,
+                stamp: 0,
             };
             self.lanes.insert(b.clone(), lane);
+            self.tallies.entry(b.budget.clone()).or_default().keys += 1;
+            if b.key.is_some() {
+                created.push(b.clone());
+            }
         }
+        let admitted = self.enqueue(now, demand, not_after, payload);
+        if !matches!(admitted, Ok(Admitted::Queued { .. })) {
+            // No one waits on them: drained from the start.
+            for b in &created {
+                self.drained(b);
+            }
+        }
+        admitted
+    }
+
+    /// Admission's second half, once every bucket of `demand` exists.
+    fn enqueue(
+        &mut self,
+        now: Nanos,
+        mut demand: Demand,
+        not_after: Option<Nanos>,
+        payload: W,
+    ) -> Result<Admitted<W>, Rejection> {
         demand.buckets.retain(|b| self.lanes.contains_key(b));
         // Narrowest first (keyed, then the slowest): see the module doc.
         demand.buckets.sort_by(|a, b| {
@@ -240,7 +343,13 @@ impl<W> Queue<W> {
         };
         for b in &demand.buckets {
             let lane = self.lanes.get_mut(b).expect("inserted above");
+            if lane.waiting.is_empty() {
+                // Out of the ring: its entry there is stale from now.
+                self.next_stamp += 1;
+                lane.stamp = self.next_stamp;
+            }
             lane.waiting.insert(order, id);
+            self.tallies.entry(b.budget.clone()).or_default().waiting += 1;
             self.active.insert(b.clone());
         }
         self.waiters.insert(
@@ -333,6 +442,11 @@ impl<W> Queue<W> {
             if l.bucket.is_holding(now) {
                 self.holding.insert(key.clone());
             }
+            let tally = self.tallies.entry(key.budget.clone()).or_default();
+            tally.paused_until = tally.paused_until.max(l.bucket.paused_until);
+            if !l.bucket.adaptive.is_settled(now) {
+                tally.lowered.insert(key.key);
+            }
             if was_lowered {
                 lowered.push(key.budget.to_string());
             }
@@ -386,6 +500,11 @@ impl<W> Queue<W> {
     pub fn lease_arrived(&mut self, key: &BucketKey, lease: &Lease, base: Nanos) {
         if let Some(l) = self.lanes.get_mut(key) {
             l.bucket.apply_lease(lease, base);
+            let tally = self.tallies.entry(key.budget.clone()).or_default();
+            tally.paused_until = tally.paused_until.max(l.bucket.paused_until);
+            if lease.adaptive.is_some() {
+                tally.lowered.insert(key.key);
+            }
         }
     }
 
@@ -453,6 +572,8 @@ impl<W> Queue<W> {
         now: Nanos,
     ) {
         self.specs = specs_by_name(budgets);
+        // A smaller max_keys takes effect over the next passes.
+        self.over.extend(self.tallies.keys().cloned());
         self.max_depth = max_depth;
         self.aging = aging.as_nanos() as Nanos;
         for (key, l) in self.lanes.iter_mut() {
@@ -466,43 +587,80 @@ impl<W> Queue<W> {
         }
     }
 
-    /// The rate in force and state of every configured budget.
-    pub fn view(&self, now: Nanos) -> Vec<BudgetView> {
+    /// The rate in force and state of every configured budget, from the tallies: it visits
+    /// only the buckets whose rate is lowered now (and forgets those that recovered), never
+    /// every key.
+    pub fn view(&mut self, now: Nanos) -> Vec<BudgetView> {
         let mut views: Vec<BudgetView> = self
             .specs
-            .values()
-            .map(|s| BudgetView {
-                name: s.name.clone(),
-                configured_rate: s.rate.per_second,
-                rate_in_force: s.rate.per_second,
-                keys: 0,
-                waiting: 0,
-                paused_for: Duration::ZERO,
+            .iter()
+            .map(|(name, s)| {
+                let mut v = BudgetView {
+                    name: s.name.clone(),
+                    configured_rate: s.rate.per_second,
+                    rate_in_force: s.rate.per_second,
+                    keys: 0,
+                    waiting: 0,
+                    paused_for: Duration::ZERO,
+                };
+                let Some(t) = self.tallies.get_mut(name) else {
+                    return v;
+                };
+                v.keys = t.keys;
+                v.waiting = t.waiting;
+                v.paused_for = Duration::from_nanos(t.paused_until.saturating_sub(now));
+                let lanes = &self.lanes;
+                t.lowered.retain(|key| {
+                    let k = BucketKey {
+                        budget: name.clone(),
+                        key: *key,
+                    };
+                    let Some(l) = lanes.get(&k) else {
+                        return false;
+                    };
+                    let r = l.bucket.adaptive.rate(now);
+                    // At its full rate a bucket reads exactly the configured rate (r / guard
+                    // is not always that in floating point).
+                    if r < l.bucket.adaptive.configured {
+                        v.rate_in_force = v.rate_in_force.min(r / self.guard);
+                    }
+                    !l.bucket.adaptive.is_settled(now)
+                });
+                v
             })
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        for (key, l) in &self.lanes {
-            let Some(v) = views.iter_mut().find(|v| *v.name == *key.budget) else {
-                continue;
-            };
-            v.keys += 1;
-            v.waiting += l.waiting.len();
-            let r = l.bucket.adaptive.rate(now);
-            // At its full rate a bucket reads exactly the configured rate (r / guard is not
-            // always that in floating point).
-            if r < l.bucket.adaptive.configured {
-                v.rate_in_force = v.rate_in_force.min(r / self.guard);
-            }
-            let paused = Duration::from_nanos(l.bucket.paused_until.saturating_sub(now));
-            v.paused_for = v.paused_for.max(paused);
-        }
         views
+    }
+
+    /// The rate in force of each of `buckets`, by budget name: what a 429 changed, without a
+    /// [`Queue::view`] of everything.
+    pub fn rates_of(&self, buckets: &[BucketKey], now: Nanos) -> Vec<(Arc<str>, f64)> {
+        buckets
+            .iter()
+            .filter_map(|k| {
+                let a = &self.lanes.get(k)?.bucket.adaptive;
+                let r = a.rate(now);
+                let shown = if r < a.configured {
+                    r / self.guard
+                } else {
+                    self.specs.get(&k.budget)?.rate.per_second
+                };
+                Some((k.budget.clone(), shown))
+            })
+            .collect()
+    }
+
+    /// Buckets of `budget` kept now.
+    pub fn keys(&self, budget: &str) -> usize {
+        self.tallies.get(budget).map_or(0, |t| t.keys)
     }
 
     /// Releases every waiter that can go at `now`, and says which leases are needed and when
     /// to look again.
     pub fn pass(&mut self, now: Nanos) -> Pass<W> {
         let (released, wake) = self.release(now);
+        self.trim(now);
         let mut leases = Vec::new();
         let prefetch = std::mem::take(&mut self.prefetch);
         if self.store_is_up() {
@@ -534,8 +692,12 @@ impl<W> Queue<W> {
         for b in &w.buckets {
             if let Some(l) = self.lanes.get_mut(b) {
                 l.waiting.remove(&w.order);
+                if let Some(t) = self.tallies.get_mut(&b.budget) {
+                    t.waiting -= 1;
+                }
                 if l.waiting.is_empty() {
                     self.active.remove(b);
+                    self.drained(b);
                 }
             }
         }
@@ -712,19 +874,192 @@ impl<W> Queue<W> {
         }
     }
 
-    /// Forgets buckets that are back to their fresh state, so memory stays bounded with many
-    /// tokens.
+    /// Every [`SWEEP_EVERY`]: turns every keyed budget's hand by up to [`SWEEP_BATCH`], and
+    /// drops the drained global buckets of budgets that left the config.
     fn sweep(&mut self, now: Nanos) {
         self.last_sweep = now;
-        self.lanes.retain(|_, l| {
-            let drained = l.waiting.is_empty();
-            !(drained && (l.bucket.is_idle(now) || l.orphan))
-        });
+        let names: Vec<Arc<str>> = self.tallies.keys().cloned().collect();
+        for name in names {
+            self.sweep_keys(&name, now, SWEEP_BATCH);
+            let global = BucketKey {
+                budget: name.clone(),
+                key: None,
+            };
+            if self
+                .lanes
+                .get(&global)
+                .is_some_and(|l| l.orphan && l.waiting.is_empty())
+            {
+                self.drop_lane(&global);
+            }
+            if self.tallies.get(&name).is_some_and(|t| t.keys == 0)
+                && !self.specs.contains_key(&name)
+            {
+                self.tallies.remove(&name);
+            }
+        }
         let lanes = &self.lanes;
         self.holding
             .retain(|k| lanes.get(k).is_some_and(|l| l.bucket.is_holding(now)));
+        // Give back the table's memory once most of its keys are gone (the rehash is O(keys),
+        // once per halving).
+        if self.lanes.capacity() > 4 * self.lanes.len() + 64 {
+            self.lanes.shrink_to(2 * self.lanes.len());
+        }
+    }
+
+    /// Brings budgets that went over `max_keys` (every bucket had someone waiting, or a reload
+    /// lowered it) back under it as their buckets drain, [`SWEEP_BATCH`] evictions per pass at
+    /// most.
+    fn trim(&mut self, now: Nanos) {
+        if self.over.is_empty() {
+            return;
+        }
+        let mut budget = SWEEP_BATCH;
+        let over: Vec<Arc<str>> = self.over.iter().cloned().collect();
+        for name in over {
+            let max_keys = self.specs.get(&name).map_or(0, |s| s.max_keys);
+            while budget > 0 && self.tallies.get(&name).is_some_and(|t| t.keys > max_keys) {
+                if !self.evict_one(&name, now) {
+                    break;
+                }
+                budget -= 1;
+            }
+            if self.tallies.get(&name).is_none_or(|t| t.keys <= max_keys) {
+                self.over.remove(&name);
+            }
+        }
+    }
+
+    /// A keyed bucket has no one waiting any more: it joins the back of its budget's ring.
+    fn drained(&mut self, key: &BucketKey) {
+        let Some(k) = key.key else { return };
+        let Some(l) = self.lanes.get_mut(key) else {
+            return;
+        };
+        // An emptied BTreeMap keeps its root node (some 370 bytes each): most of an idle
+        // key's memory, were they kept.
+        l.waiting = BTreeMap::new();
+        l.firsts = BTreeMap::new();
+        self.next_stamp += 1;
+        l.stamp = self.next_stamp;
+        let t = self.tallies.entry(key.budget.clone()).or_default();
+        t.ring.push_back((k, self.next_stamp));
+        // Each bucket has at most one live entry: past twice that, most are stale. Compacting
+        // then costs O(1) per entry pushed since the last time.
+        if t.ring.len() > 2 * t.keys + 64 {
+            let lanes = &self.lanes;
+            let budget = &key.budget;
+            t.ring
+                .retain(|&(k, stamp)| live(lanes, budget, k, stamp).is_some());
+            t.ring.shrink_to(2 * t.ring.len() + 64);
+        }
+    }
+
+    /// Turns `budget`'s hand by up to `steps` entries: stale entries and idle buckets go, a
+    /// bucket that is not idle for a lasting reason goes to the back, and one that was merely
+    /// used recently stops the hand (see the module doc). Returns the buckets dropped.
+    fn sweep_keys(&mut self, budget: &Arc<str>, now: Nanos, steps: usize) -> usize {
+        let mut dropped = 0;
+        let mut visited = 0;
+        // Stale entries are not counted: each is popped once, so they cost O(1) apiece.
+        while visited < steps {
+            let Some(t) = self.tallies.get_mut(budget) else {
+                break;
+            };
+            let Some((k, stamp)) = t.ring.pop_front() else {
+                break;
+            };
+            let Some(l) = live(&self.lanes, budget, k, stamp) else {
+                continue;
+            };
+            visited += 1;
+            if l.orphan || l.bucket.is_idle(now) {
+                self.drop_lane(&BucketKey {
+                    budget: budget.clone(),
+                    key: Some(k),
+                });
+                dropped += 1;
+            } else if l.bucket.is_plain(now) {
+                t.ring.push_front((k, stamp));
+                break;
+            } else {
+                t.ring.push_back((k, stamp));
+            }
+        }
+        dropped
+    }
+
+    /// Makes room for one more key of `budget`: drops an idle bucket among the first
+    /// [`EVICT_SEARCH`] of its ring, else the least recently drained one that is merely busy,
+    /// else the least recently drained one (paused or slowed). False when every bucket of the
+    /// budget has someone waiting.
+    fn evict_one(&mut self, budget: &Arc<str>, now: Nanos) -> bool {
+        let Some(t) = self.tallies.get_mut(budget) else {
+            return false;
+        };
+        let mut seen: Vec<([u8; 16], u64, bool)> = Vec::new();
+        let mut idle = None;
+        while seen.len() < EVICT_SEARCH {
+            let Some((k, stamp)) = t.ring.pop_front() else {
+                break;
+            };
+            let Some(l) = live(&self.lanes, budget, k, stamp) else {
+                continue;
+            };
+            if l.orphan || l.bucket.is_idle(now) {
+                idle = Some(k);
+                break;
+            }
+            seen.push((k, stamp, l.bucket.is_plain(now)));
+        }
+        let victim = idle.or_else(|| {
+            let i = seen.iter().position(|s| s.2).unwrap_or(0);
+            (!seen.is_empty()).then(|| seen.remove(i).0)
+        });
+        // The others keep their places.
+        for &(k, stamp, _) in seen.iter().rev() {
+            t.ring.push_front((k, stamp));
+        }
+        let Some(k) = victim else { return false };
+        self.drop_lane(&BucketKey {
+            budget: budget.clone(),
+            key: Some(k),
+        });
+        true
+    }
+
+    /// Forgets a bucket no one waits on.
+    fn drop_lane(&mut self, key: &BucketKey) {
+        if self.lanes.remove(key).is_none() {
+            return;
+        }
+        self.holding.remove(key);
+        self.prefetch.remove(key);
+        if let Some(t) = self.tallies.get_mut(&key.budget) {
+            t.keys -= 1;
+            t.lowered.remove(&key.key);
+        }
     }
 }
 
+/// The bucket an entry of `budget`'s ring stands for, when the entry is live (not stale).
+fn live<'a>(
+    lanes: &'a HashMap<BucketKey, Lane>,
+    budget: &Arc<str>,
+    key: [u8; 16],
+    stamp: u64,
+) -> Option<&'a Lane> {
+    let k = BucketKey {
+        budget: budget.clone(),
+        key: Some(key),
+    };
+    lanes
+        .get(&k)
+        .filter(|l| l.stamp == stamp && l.waiting.is_empty())
+}
+
+#[cfg(test)]
+mod key_tests;
 #[cfg(test)]
 mod tests;

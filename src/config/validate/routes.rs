@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use super::Validator;
 use crate::config::lines::YamlPath;
 use crate::config::raw::{RawBudget, RawRoute, RawUpstream};
-use crate::config::{BudgetSpec, Per, Rate, RouteSpec, Upstream};
+use crate::config::{BudgetSpec, Per, Rate, RouteSpec, Upstream, DEFAULT_MAX_KEYS, MAX_KEYS_CAP};
 use crate::route::{PathTemplate, Priority};
 
 /// What a route may name: the upstreams and budgets that validated, and every name declared (a
@@ -61,9 +61,13 @@ impl Validator<'_> {
         };
         let burst = self.whole(&at.key("burst"), raw.burst, 1, 1);
         let per = self.per(&at.key("per"), raw.per.as_deref());
+        let max_keys = self.max_keys(&at.key("max_keys"), raw.max_keys, &per);
         // Without a valid rate, min_rate has nothing to be checked against.
         let rate = rate?;
-        let budget = BudgetSpec::new(name, rate, burst as u32, per);
+        let budget = BudgetSpec {
+            max_keys,
+            ..BudgetSpec::new(name, rate, burst as u32, per)
+        };
         let Some(min_rate) = &raw.min_rate else {
             return Some(budget);
         };
@@ -79,6 +83,25 @@ impl Validator<'_> {
                 self.err(&at.key("min_rate"), m);
                 None
             }
+        }
+    }
+
+    /// `max_keys`: 1 ..= [`MAX_KEYS_CAP`], and only where there are keys.
+    fn max_keys(&mut self, at: &YamlPath, raw: Option<i64>, per: &Per) -> usize {
+        let default = DEFAULT_MAX_KEYS as i64;
+        match raw {
+            Some(_) if *per == Per::Global => {
+                self.err(
+                    at,
+                    "only a keyed budget (per: token, client_ip or header:<Name>) has keys",
+                );
+                DEFAULT_MAX_KEYS
+            }
+            Some(n) if n > MAX_KEYS_CAP => {
+                self.err(at, format!("must be at most {MAX_KEYS_CAP}, not {n}"));
+                DEFAULT_MAX_KEYS
+            }
+            _ => self.whole(at, raw, 1, default) as usize,
         }
     }
 

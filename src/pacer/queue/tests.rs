@@ -17,7 +17,8 @@ fn spec(name: &str, rate: f64, burst: u32, per: Per) -> BudgetSpec {
 #[derive(Debug, Clone)]
 enum Op {
     /// A request on the budgets in `mask` (bit 0: "fast", 1: "slow", 2: the token budget,
-    /// keyed by `token`), of priority `level`, maybe a retry with a deadline.
+    /// keyed by `token` modulo the test's number of tokens), of priority `level`, maybe a
+    /// retry with a deadline.
     Arrive {
         mask: u8,
         token: u8,
@@ -32,7 +33,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (1u8..8, 0u8..3, 0u8..3, proptest::option::weighted(0.2, 1u16..2000))
+        4 => (1u8..8, 0u8..12, 0u8..3, proptest::option::weighted(0.2, 1u16..2000))
             .prop_map(|(mask, token, level, retry)| Op::Arrive { mask, token, level, retry }),
         1 => (0usize..50).prop_map(Op::Leave),
         3 => (0u32..300_000).prop_map(Op::Step),
@@ -50,8 +51,12 @@ struct Run {
     q: Queue<u64>,
     now: Nanos,
     waiting: HashMap<u64, Waiting>,
-    /// Grant times per bucket.
-    grants: HashMap<BucketKey, Vec<Nanos>>,
+    /// Grant times per bucket and life of the bucket (a bucket forgotten and made again is a
+    /// new life: an evicted key starts afresh).
+    grants: HashMap<(BucketKey, u32), Vec<Nanos>>,
+    lives: HashMap<BucketKey, u32>,
+    /// Buckets the queue held after the last step.
+    present: HashSet<BucketKey>,
     wake: Option<Nanos>,
 }
 
@@ -66,7 +71,11 @@ impl Run {
             prop_assert_eq!(&r.buckets, &w.buckets);
             prop_assert!(r.taken_at <= self.now && r.taken_at >= r.arrived);
             for b in &r.buckets {
-                self.grants.entry(b.clone()).or_default().push(r.taken_at);
+                let life = self.lives.get(b).copied().unwrap_or(0);
+                self.grants
+                    .entry((b.clone(), life))
+                    .or_default()
+                    .push(r.taken_at);
             }
             // never past its own deadline
             if let Some(t) = w.not_after {
@@ -91,6 +100,41 @@ impl Run {
             prop_assert!(w.not_after.is_none_or(|t| t > self.now));
         }
         self.wake = p.wake;
+        self.track_lives();
+        Ok(())
+    }
+
+    /// Notes the buckets the queue forgot since the last step: their next grants are a new life.
+    fn track_lives(&mut self) {
+        let lanes = &self.q.lanes;
+        for gone in self.present.iter().filter(|k| !lanes.contains_key(*k)) {
+            *self.lives.entry(gone.clone()).or_default() += 1;
+        }
+        self.present = lanes.keys().cloned().collect();
+    }
+
+    /// The token budget's table stays within `max_keys`, or over it only by keys that have
+    /// requests waiting (plus the one just made for a request that was then queued).
+    fn check_keys(&self, max_keys: usize) -> Result<(), TestCaseError> {
+        let keys = self.q.keys("tok");
+        let lanes: Vec<&Lane> = self
+            .q
+            .lanes
+            .iter()
+            .filter(|(k, _)| k.key.is_some())
+            .map(|(_, l)| l)
+            .collect();
+        prop_assert_eq!(keys, lanes.len());
+        let waited_on = lanes.iter().filter(|l| !l.waiting.is_empty()).count();
+        prop_assert!(
+            keys <= max_keys || keys <= waited_on + 1,
+            "{} keys, max {}, {} waited on",
+            keys,
+            max_keys,
+            waited_on
+        );
+        let waiting: usize = lanes.iter().map(|l| l.waiting.len()).sum();
+        prop_assert_eq!(self.q.tallies.get("tok").map_or(0, |t| t.waiting), waiting);
         Ok(())
     }
 }
@@ -100,87 +144,14 @@ proptest! {
 
     #[test]
     fn the_queue_keeps_rates_order_and_deadlines(ops in proptest::collection::vec(op(), 1..300)) {
-        let specs = [
-            spec("fast", 200.0, 3, Per::Global),
-            spec("slow", 20.0, 1, Per::Global),
-            spec("tok", 10.0, 2, Per::Token),
-        ];
-        let mut run = Run {
-            q: Queue::new(&specs, 10_000, Duration::from_nanos(AGING)),
-            now: 0,
-            waiting: HashMap::new(),
-            grants: HashMap::new(),
-            wake: None,
-        };
-        for op in ops {
-            match op {
-                Op::Arrive { mask, token, level, retry } => {
-                    let names = ["fast", "slow", "tok"];
-                    let buckets: Vec<BucketKey> = (0..3)
-                        .filter(|i| mask & (1 << i) != 0)
-                        .map(|i| run.q.bucket_key(names[i], (i == 2).then_some([token; 16])))
-                        .collect();
-                    let priority = [Priority::High, Priority::Normal, Priority::Low][level as usize];
-                    let not_after = retry.map(|ms| run.now + u64::from(ms) * MS);
-                    let demand = Demand {
-                        buckets,
-                        priority,
-                        max_wait: Duration::from_secs(3600),
-                        retry: retry.is_some(),
-                        not_after: None,
-                    };
-                    let id = run.q.next_id;
-                    match run.q.admit(run.now, demand, not_after, id) {
-                        Ok(Admitted::Queued { id: got, .. }) => {
-                            prop_assert_eq!(got, id);
-                            let w = &run.q.waiters[&id];
-                            run.waiting.insert(id, Waiting {
-                                order: w.order,
-                                buckets: w.buckets.clone(),
-                                not_after,
-                            });
-                        }
-                        other => prop_assert!(false, "not queued: {:?}", other),
-                    }
-                }
-                Op::Leave(n) => {
-                    let mut ids: Vec<u64> = run.waiting.keys().copied().collect();
-                    ids.sort();
-                    if let Some(&id) = ids.get(n % ids.len().max(1)) {
-                        prop_assert!(run.q.cancel(id));
-                        run.waiting.remove(&id);
-                    }
-                }
-                Op::Step(us) => {
-                    let target = run.now + u64::from(us) * 1000;
-                    // the scheduler wakes when asked to, until the step is over
-                    for _ in 0..10_000 {
-                        match run.wake {
-                            Some(w) if w > run.now && w <= target => {
-                                run.now = w;
-                                run.pass()?;
-                            }
-                            _ => break,
-                        }
-                    }
-                    run.now = target;
-                }
-            }
-            run.pass()?;
-        }
-        // No bucket ever granted more than burst + rate·t in any window of length t.
-        for (key, mut times) in run.grants {
-            let s = specs.iter().find(|s| *s.name == *key.budget).unwrap();
-            times.sort();
-            for i in 0..times.len() {
-                for j in i..times.len() {
-                    let t = (times[j] - times[i]) as f64 / 1e9;
-                    let allowed = f64::from(s.burst) + s.rate.per_second * t;
-                    prop_assert!(((j - i + 1) as f64) <= allowed + 1e-6 * (j - i + 1) as f64,
-                        "{}: {} grants in {} s", key.budget, j - i + 1, t);
-                }
-            }
-        }
+        drive(ops, 3, 100_000)?;
+    }
+
+    /// Many more tokens than `max_keys`: the table stays bounded, and rates, order and
+    /// deadlines hold as before (each bucket's rate within each of its lives).
+    #[test]
+    fn a_keyed_table_stays_within_max_keys(ops in proptest::collection::vec(op(), 1..300)) {
+        drive(ops, 12, 3)?;
     }
 
     /// On one budget, requests of one priority start no later than predicted on arrival,
@@ -247,4 +218,114 @@ proptest! {
             wake = check(&mut q, now, &mut deadline)?;
         }
     }
+}
+
+/// Drives the queue through `ops` with `tokens` distinct tokens and the token budget keeping at
+/// most `max_keys`, checking every pass (see [`Run::pass`]), the token table after every step,
+/// and at the end that no bucket granted more than its rate allows.
+fn drive(ops: Vec<Op>, tokens: u8, max_keys: usize) -> Result<(), TestCaseError> {
+    let specs = [
+        spec("fast", 200.0, 3, Per::Global),
+        spec("slow", 20.0, 1, Per::Global),
+        BudgetSpec {
+            max_keys,
+            ..spec("tok", 10.0, 2, Per::Token)
+        },
+    ];
+    let mut run = Run {
+        q: Queue::new(&specs, 10_000, Duration::from_nanos(AGING)),
+        now: 0,
+        waiting: HashMap::new(),
+        grants: HashMap::new(),
+        lives: HashMap::new(),
+        present: HashSet::new(),
+        wake: None,
+    };
+    for op in ops {
+        match op {
+            Op::Arrive {
+                mask,
+                token,
+                level,
+                retry,
+            } => {
+                let names = ["fast", "slow", "tok"];
+                let buckets: Vec<BucketKey> = (0..3)
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| {
+                        run.q
+                            .bucket_key(names[i], (i == 2).then_some([token % tokens; 16]))
+                    })
+                    .collect();
+                let priority = [Priority::High, Priority::Normal, Priority::Low][level as usize];
+                let not_after = retry.map(|ms| run.now + u64::from(ms) * MS);
+                let demand = Demand {
+                    buckets,
+                    priority,
+                    max_wait: Duration::from_secs(3600),
+                    retry: retry.is_some(),
+                    not_after: None,
+                };
+                let id = run.q.next_id;
+                match run.q.admit(run.now, demand, not_after, id) {
+                    Ok(Admitted::Queued { id: got, .. }) => {
+                        prop_assert_eq!(got, id);
+                        let w = &run.q.waiters[&id];
+                        run.waiting.insert(
+                            id,
+                            Waiting {
+                                order: w.order,
+                                buckets: w.buckets.clone(),
+                                not_after,
+                            },
+                        );
+                    }
+                    other => prop_assert!(false, "not queued: {:?}", other),
+                }
+            }
+            Op::Leave(n) => {
+                let mut ids: Vec<u64> = run.waiting.keys().copied().collect();
+                ids.sort();
+                if let Some(&id) = ids.get(n % ids.len().max(1)) {
+                    prop_assert!(run.q.cancel(id));
+                    run.waiting.remove(&id);
+                }
+            }
+            Op::Step(us) => {
+                let target = run.now + u64::from(us) * 1000;
+                // the scheduler wakes when asked to, until the step is over
+                for _ in 0..10_000 {
+                    match run.wake {
+                        Some(w) if w > run.now && w <= target => {
+                            run.now = w;
+                            run.pass()?;
+                        }
+                        _ => break,
+                    }
+                }
+                run.now = target;
+            }
+        }
+        run.pass()?;
+        run.check_keys(max_keys)?;
+    }
+    // No bucket ever granted more than burst + rate·t in any window of length t.
+    for ((key, _), mut times) in run.grants {
+        let s = specs.iter().find(|s| *s.name == *key.budget).unwrap();
+        times.sort();
+        for i in 0..times.len() {
+            for j in i..times.len() {
+                let t = (times[j] - times[i]) as f64 / 1e9;
+                let allowed = f64::from(s.burst) + s.rate.per_second * t;
+                prop_assert!(
+                    ((j - i + 1) as f64) <= allowed + 1e-6 * (j - i + 1) as f64,
+                    "{}: {} grants in {} s",
+                    key.budget,
+                    j - i + 1,
+                    t
+                );
+            }
+        }
+    }
+    Ok(())
 }
