@@ -40,9 +40,10 @@ use crate::state::State;
 /// `Retry-After` of `503 shiftgate.overloaded`: connections come and go within seconds.
 const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// How long a refused connection is read (and what is read dropped) after its answer: closing
-/// a socket with unread bytes sends a reset, which can destroy the answer before the client
-/// reads it. Bounded, so refused connections cannot pile up.
+/// How long a refused connection is read (and what is read dropped) before its answer, for its
+/// request's head, and after it: closing a socket with unread bytes sends a reset, which can
+/// destroy the answer before the client reads it. Bounded, so refused connections cannot pile
+/// up.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
 const REFUSED_LINGER_BYTES: usize = 64 * 1024;
 
@@ -195,14 +196,32 @@ struct Refused {
     logged_at: Option<Instant>,
 }
 
-/// Answers a connection past the cap `503 shiftgate.overloaded` without reading its request,
-/// then closes it.
+/// Answers a connection past the cap `503 shiftgate.overloaded`, then closes it. The answer
+/// waits for the request's head (up to [`REFUSED_LINGER`], no more than
+/// [`REFUSED_LINGER_BYTES`]): an HTTP client drops an answer that comes before it has sent its
+/// request (hyper: "operation was canceled"). What comes after the answer is read and dropped
+/// for a while, so that closing does not reset the connection under the answer.
 async fn refuse(mut stream: Stream, cap: usize) {
     let answer = LocalResponse::new(
         Reason::Overloaded,
         format!("shiftgate has {cap} client connections open, its limit; try again"),
     )
     .retry_after(OVERLOADED_RETRY_AFTER);
+    let mut buf = [0u8; 4096];
+    let head = async {
+        let (mut end, mut read) = (HeadEnd::default(), 0);
+        while read < REFUSED_LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if end.feed(&buf[..n]) => return true,
+                Ok(n) => read += n,
+            }
+        }
+        true
+    };
+    if tokio::time::timeout(REFUSED_LINGER, head).await == Ok(false) {
+        return;
+    }
     let sent = async {
         stream.write_all(&answer.http1_closing()).await?;
         stream.flush().await
@@ -211,7 +230,6 @@ async fn refuse(mut stream: Stream, cap: usize) {
         return;
     }
     Shutdown::shutdown(&mut *stream).await;
-    let mut buf = [0u8; 4096];
     let linger = async {
         let mut read = 0;
         while read < REFUSED_LINGER_BYTES {

@@ -139,8 +139,17 @@ impl Run {
     }
 }
 
+/// 64 cases in CI (each runs up to 300 operations); `PROPTEST_CASES` overrides it. A long run:
+/// `PROPTEST_CASES=20000 cargo test --release --lib pacer::queue`.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn the_queue_keeps_rates_order_and_deadlines(ops in proptest::collection::vec(op(), 1..300)) {
