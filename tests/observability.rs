@@ -361,6 +361,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     // The queue's bound in force (the default), and the pauses: each 429 paused presence for
     // its Retry-After of 1 s at most, so what is left of a pause is between 0 and 1 s.
     assert_eq!(sum(&samples, "shiftgate_queue_max_depth", &[]), 10_000.0);
+    assert_eq!(sum(&samples, "shiftgate_max_connections", &[]), 20_000.0);
     for budget in BUDGETS {
         let paused = sum(
             &samples,
