@@ -13,7 +13,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every metric of the contract (shared/contract.md) with its exposition type.
+/// Every metric shiftgate registers, with its exposition type: the contract's and the ones this
+/// implementation adds (`shiftgate_max_connections`); `docs/reference.md` documents each.
 pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_requests_total", "counter"),
     ("shiftgate_rejections_total", "counter"),
@@ -39,6 +40,7 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_connections", "gauge"),
     ("shiftgate_queue_max_depth", "gauge"),
     ("shiftgate_budget_paused_seconds", "gauge"),
+    ("shiftgate_max_connections", "gauge"),
 ];
 
 /// The `listener` label of `shiftgate_connections`: the plain HTTP listener, the HTTPS one.
@@ -137,6 +139,9 @@ pub struct Metrics {
     /// `shiftgate_budget_paused_seconds{budget}`: time left on a pause after an upstream 429
     /// (the longest among the budget's buckets; 0: none). Set on each scrape.
     pub budget_paused_seconds: GaugeVec,
+    /// `shiftgate_max_connections`: `limits.max_connections` in force, so that an alert can
+    /// compare `shiftgate_connections` with it.
+    pub max_connections: IntGauge,
 }
 
 impl Metrics {
@@ -279,6 +284,12 @@ impl Metrics {
             &["budget"],
         );
 
+        let max_connections = IntGauge::with_opts(Opts::new(
+            "shiftgate_max_connections",
+            "limits.max_connections in force: client connections allowed at once, both listeners together.",
+        ))
+        .expect("valid metric options");
+        register(&registry, max_connections.clone());
         Metrics {
             registry,
             requests_total,
@@ -302,6 +313,7 @@ impl Metrics {
             connections,
             queue_max_depth,
             budget_paused_seconds,
+            max_connections,
         }
     }
 

@@ -264,6 +264,33 @@ fn configmap_budgets_are_the_shipped_ones_divided_by_the_replicas() {
     }
 }
 
+/// The JavaScript and Go SDKs give up after about 16 s (shared facts; docs/capacity-planning.md,
+/// section 2). A shipped wait or retry window at or past that would answer clients that have
+/// already left: every route's `max_wait` and `retry.max_elapsed` stay under 16 s, with at
+/// least a second left for the upstream's answer, in config.yaml and in the ConfigMap.
+#[test]
+fn shipped_waits_stay_under_the_sdks_16_s_timeouts() {
+    const SDK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(16);
+    const UPSTREAM_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(1);
+    let docs = k8s_documents();
+    let (_, cm) = configmap_config(&docs);
+    for (which, config) in [("config.yaml", shipped_config()), ("the ConfigMap", cm)] {
+        let mut waits: Vec<(String, std::time::Duration)> = config
+            .routes
+            .iter()
+            .map(|r| (format!("routes {} max_wait", r.name), r.max_wait))
+            .collect();
+        waits.push(("retry.max_elapsed".into(), config.retry.max_elapsed));
+        for (what, wait) in waits {
+            println!("{which}: {what} {wait:?}");
+            assert!(
+                wait + UPSTREAM_ALLOWANCE < SDK_TIMEOUT,
+                "{which}: {what} is {wait:?}: with the upstream's answer it reaches the SDKs' {SDK_TIMEOUT:?} timeout"
+            );
+        }
+    }
+}
+
 /// (c) The Deployment mounts the ConfigMap as a directory (no subPath, which is never updated)
 /// where `--config` points, probes /readyz and /healthz on the port the config's admin_listen
 /// uses, serves the config's listen port as `http`, gives SIGTERM more time than the preStop
