@@ -25,7 +25,8 @@
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
 //! - [`shared_budget`]: the seam to the budget state replicas share (Redis, or in memory).
 //! - [`route`]: path templates, first-match routing, the upstream path and header rewrite;
-//!   [`hygiene`]: what a request head must be before it is routed (a bounded size).
+//!   [`hygiene`]: what a request head must be before it is routed (a bounded size);
+//!   [`forwarded`]: the client's address behind `trusted_proxies` (X-Forwarded-For).
 //! - [`config`]: config.yaml, parsed strictly and validated into [`config::Config`].
 //! - [`tls`]: the HTTPS listener's certificate pair (PEM, key checked against the chain) and the
 //!   resolver that swaps it on reload; the config loads the pair, so a bad one is a config error.
@@ -49,6 +50,7 @@ pub mod demo;
 pub mod digest;
 pub mod edge;
 pub mod emulator;
+pub mod forwarded;
 pub mod genesys;
 pub mod harness;
 pub mod hygiene;
