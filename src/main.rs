@@ -1,15 +1,26 @@
-//! The `shiftgate` binary: `run`, `check`, `emulate`, `loadtest`, `demo`.
+//! The `shiftgate` binary: `run`, `check`, `emulate`, `loadtest`, `demo`, `completions`,
+//! `man`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use shiftgate::config::{Config, LogFormat};
+
+/// `shiftgate --version`: the crate's version, the commit and the build date (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SHIFTGATE_COMMIT"),
+    ", built ",
+    env!("SHIFTGATE_BUILD_DATE"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "shiftgate",
-    version,
+    version = VERSION,
     about = "A rate-shaping reverse proxy for the Genesys Cloud Platform API"
 )]
 struct Cli {
@@ -39,6 +50,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `shiftgate man > /usr/local/share/man/man1/shiftgate.1`.
+    Man,
     /// Run a stand-in for the Genesys API (for tests and load tests).
     Emulate {
         /// Address to listen on [default: 127.0.0.1:8081]
@@ -135,6 +153,24 @@ fn main() -> ExitCode {
                     pid_file,
                 },
             )
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "shiftgate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shiftgate man: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Emulate { listen, config } => {
             init_logging(LogFormat::Text);
