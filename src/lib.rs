@@ -4,7 +4,8 @@
 //! From the edge inwards; each module imports only those below it (no import circle).
 //!
 //! **Running it**
-//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit.
+//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit;
+//!   [`health`]: `shiftgate health`, the probe of `/readyz` that containers run.
 //! - [`edge`]: every client connection before Pingora's HTTP handling: the connection cap, the
 //!   request head and keep-alive idle timers.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
@@ -53,6 +54,7 @@ pub mod emulator;
 pub mod forwarded;
 pub mod genesys;
 pub mod harness;
+pub mod health;
 pub mod hygiene;
 pub mod loadtest;
 pub mod local_response;

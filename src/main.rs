@@ -1,5 +1,5 @@
-//! The `shiftgate` binary: `run`, `check`, `emulate`, `loadtest`, `demo`, `completions`,
-//! `man`.
+//! The `shiftgate` binary: `run`, `check`, `health`, `emulate`, `loadtest`, `demo`,
+//! `completions`, `man`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +47,14 @@ enum Command {
     },
     /// Validate a config file and exit: 0 with a summary, 1 with every error.
     Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Ask a running proxy's admin listener for /readyz: exit 0 when it answers 200 (serving),
+    /// 1 otherwise (draining, not started, unreachable). For container health checks.
+    Health {
+        /// Config file whose admin_listen is probed (only that key is read) [default:
+        /// $SHIFTGATE_CONFIG, else ./config.yaml]
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -154,6 +162,16 @@ fn main() -> ExitCode {
                 },
             )
         }
+        Command::Health { config } => match shiftgate::health::check(&config_path(config)) {
+            Ok(addr) => {
+                println!("ready: GET http://{addr}/readyz answered 200");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("not ready: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -9,6 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -621,6 +622,8 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let waiting = status_json(&proxy).await["queue_depth"].as_u64().unwrap();
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(0), "shiftgate health while serving: {out}");
 
     proxy.signal("TERM");
     let signalled = t0.elapsed();
@@ -647,6 +650,10 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         || async move { get(admin, "/readyz").await.is_ok_and(|a| a.status == 503) },
     )
     .await;
+    // The container health check says "not ready" while it drains.
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(1), "shiftgate health while draining: {out}");
+    assert!(out.contains("answered 503"), "{out}");
     for i in 0..3 {
         let t = Instant::now();
         let a = patch(proxy.addr(), 1000 + i).await.expect("an answer");
@@ -719,6 +726,9 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         "{ok_after_signal} answered 200 during the drain"
     );
     assert_eq!(code, Some(0), "exited cleanly; log:\n{}", proxy.logs());
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(1), "shiftgate health once it has exited: {out}");
+    assert!(out.contains("not ready"), "{out}");
     assert!(
         exited - last_answer < Duration::from_secs(2),
         "exit {:?} after the last answer",
@@ -937,4 +947,20 @@ async fn sigterm_exits_within_drain_plus_upstream_timeout_even_with_an_answer_in
         took >= drain + upstream_timeout,
         "the answer in flight had its time: {took:?}"
     );
+}
+
+/// `shiftgate health --config PATH`: its exit code and what it printed (stdout and stderr).
+fn health(config: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
+        .arg("health")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("shiftgate health runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
 }

@@ -61,6 +61,9 @@ impl fmt::Display for ConfigErrors {
 // ---------------------------------------------------------------------------------------------
 // The validated runtime type.
 
+/// `admin_listen` when the config names none.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 /// A validated configuration. Built only by [`Config::parse`]; every reference is resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

@@ -125,7 +125,9 @@ impl<'a> Validator<'a> {
         let admin_at = YamlPath::top("admin_listen");
         let admin_listen = self.socket(
             &admin_at,
-            raw.admin_listen.as_deref().unwrap_or("127.0.0.1:9090"),
+            raw.admin_listen
+                .as_deref()
+                .unwrap_or(super::DEFAULT_ADMIN_LISTEN),
         );
         if raw.admin_listen.is_some() && listen == admin_listen {
             self.err(&admin_at, "must differ from listen");
