@@ -5,7 +5,8 @@
 //!
 //! **Running it**
 //! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit;
-//!   [`health`]: `shiftgate health`, the probe of `/readyz` that containers run.
+//!   [`notify`]: systemd's readiness message; [`health`]: `shiftgate health`, the probe of
+//!   `/readyz` that containers run.
 //! - [`edge`]: every client connection before Pingora's HTTP handling: the connection cap, the
 //!   request head and keep-alive idle timers.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
@@ -59,6 +60,7 @@ pub mod hygiene;
 pub mod loadtest;
 pub mod local_response;
 pub mod metrics;
+pub mod notify;
 pub mod pacer;
 pub mod proxy;
 pub mod reload;

@@ -42,8 +42,11 @@ enum Command {
         /// Socket through which the listeners are handed over during an upgrade.
         #[arg(long, default_value = "/tmp/shiftgate_upgrade.sock")]
         upgrade_sock: PathBuf,
-        #[arg(long, default_value = "/tmp/shiftgate.pid")]
-        pid_file: PathBuf,
+        /// Write this process's PID to this file once it serves (after an upgrade, once it has
+        /// taken the sockets over), for supervisors that track one (systemd's PIDFile=). Not
+        /// removed on exit. Without it, no file is written.
+        #[arg(long, value_name = "PATH")]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a config file and exit: 0 with a summary, 1 with every error.
     Check {

@@ -28,7 +28,9 @@ pub struct RunOptions {
     /// Take the listening sockets over from a running shiftgate (graceful upgrade).
     pub upgrade: bool,
     pub upgrade_sock: PathBuf,
-    pub pid_file: PathBuf,
+    /// Written with this process's PID once it listens (after an upgrade: once it has taken the
+    /// sockets over), for supervisors that track a PID file (systemd's `PIDFile=`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Raises the soft limit on open files to the hard one: every client connection and every
@@ -90,7 +92,6 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         graceful_shutdown_timeout_seconds: Some(1),
         max_retries: MAX_ATTEMPTS_CAP,
         upgrade_sock: opts.upgrade_sock.display().to_string(),
-        pid_file: opts.pid_file.display().to_string(),
         ..ServerConf::default()
     };
     let opt = Opt {
@@ -151,6 +152,15 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             listener: std::sync::Mutex::new(Some(admin)),
         },
     ));
+    let mut listeners = vec![listen];
+    listeners.extend(tls.as_ref().map(|t| t.listen));
+    server.add_service(background_service(
+        "readiness",
+        Readiness {
+            listeners,
+            pid_file: opts.pid_file.clone(),
+        },
+    ));
     server.add_service(background_service(
         "config watcher",
         Watcher {
@@ -209,6 +219,57 @@ impl BackgroundService for AdminService {
         // Not stopped by Pingora's shutdown watch: /readyz must keep answering 503 while the
         // proxy drains; the process exit ends it.
         crate::admin::serve(listener, self.state.clone(), std::future::pending()).await;
+    }
+}
+
+/// Tells supervisors that the proxy serves, once every client listener accepts connections:
+/// writes `--pid-file`, then sends `READY=1` and `MAINPID=` to systemd (see [`crate::notify`]).
+///
+/// Pingora binds its listeners inside the proxy service's own runtime and says nothing when
+/// they are up, so this connects to each until it is accepted. During an upgrade the old
+/// process may accept that connection, but by then this process holds the same sockets: it
+/// received them before any service started.
+struct Readiness {
+    listeners: Vec<SocketAddr>,
+    pid_file: Option<PathBuf>,
+}
+
+#[async_trait]
+impl BackgroundService for Readiness {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        for &addr in &self.listeners {
+            // 0.0.0.0 and [::] are reached through the loopback address of their family.
+            let target = match addr.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv4() => {
+                    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+                }
+                ip if ip.is_unspecified() => {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+                }
+                _ => addr,
+            };
+            loop {
+                if tokio::net::TcpStream::connect(target).await.is_ok() {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            }
+        }
+        let pid = std::process::id();
+        if let Some(path) = &self.pid_file {
+            if let Err(e) = std::fs::write(path, format!("{pid}\n")) {
+                tracing::warn!("cannot write the pid file {}: {e}", path.display());
+            }
+        }
+        let status = format!("serving on {:?}", self.listeners);
+        match crate::notify::notify(&crate::notify::ready_message(pid, &status)) {
+            Ok(true) => tracing::info!("told systemd: ready, main PID {pid}"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot notify systemd ($NOTIFY_SOCKET): {e}"),
+        }
     }
 }
 
@@ -286,6 +347,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let kind = tokio::select! {
             _ = term.recv() => {
+                let _ = crate::notify::notify(crate::notify::STOPPING);
                 exit_by(self.state.config().stop_timeout());
                 drain(&self.state).await;
                 ShutdownSignal::GracefulTerminate

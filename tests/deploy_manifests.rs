@@ -574,8 +574,11 @@ fn unit_seconds(value: &str) -> u64 {
     }
 }
 
-/// (d) The unit runs the binary as the contract says, reloads with SIGHUP, stops with SIGTERM and
-/// waits longer than drain_timeout + 5 s of the config it runs before SIGKILL.
+/// (d) The unit runs the binary as the contract says, is ready when shiftgate says so
+/// (`Type=notify`, from any process of the unit: the upgrade's new one), reloads with SIGHUP
+/// only after `shiftgate check` accepts the file, does not restart on an invalid config (exit
+/// 1), stops with SIGTERM and waits longer than drain_timeout + 5 s of the config it runs before
+/// SIGKILL.
 #[test]
 fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
     let unit = unit_entries(&read("deploy/systemd/shiftgate.service"));
@@ -586,17 +589,33 @@ fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
         assert_eq!(values.len(), 1, "{key}= appears once");
         &values[0]
     };
-    assert_eq!(one("Type"), "simple");
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(
+        one("NotifyAccess"),
+        "all",
+        "the upgrade's new process sends MAINPID= before it is the main process"
+    );
+    assert_eq!(
+        one("RestartPreventExitStatus"),
+        "1",
+        "exit 1: invalid config"
+    );
     assert_eq!(one("User"), "shiftgate");
     assert_eq!(
         one("ExecStart"),
         "/usr/local/bin/shiftgate run --config /etc/shiftgate/config.yaml \
          --upgrade-sock /run/shiftgate/upgrade.sock --pid-file /run/shiftgate/shiftgate.pid"
     );
-    let reload = one("ExecReload");
+    // ExecReload= lines run in order, and a failing one stops the reload: check, then signal.
+    let reload = &unit["ExecReload"];
+    assert_eq!(reload.len(), 2, "ExecReload: {reload:?}");
+    assert_eq!(
+        reload[0], "/usr/local/bin/shiftgate check --config /etc/shiftgate/config.yaml",
+        "the reload checks the config ExecStart runs first"
+    );
     assert!(
-        reload.contains("kill") && reload.contains("-HUP") && reload.contains("$MAINPID"),
-        "ExecReload sends SIGHUP to the main process: {reload}"
+        reload[1].contains("kill") && reload[1].contains("-HUP") && reload[1].contains("$MAINPID"),
+        "then sends SIGHUP to the main process: {reload:?}"
     );
     assert_eq!(one("KillSignal"), "SIGTERM");
     assert_eq!(one("RuntimeDirectory"), "shiftgate");
