@@ -222,13 +222,14 @@ impl BackgroundService for AdminService {
     }
 }
 
-/// Tells supervisors that the proxy serves, once every client listener accepts connections:
-/// writes `--pid-file`, then sends `READY=1` and `MAINPID=` to systemd (see [`crate::notify`]).
+/// Tells supervisors that the proxy serves, once every client listener is listening: writes
+/// `--pid-file`, then sends `READY=1` and `MAINPID=` to systemd (see [`crate::notify`]).
 ///
 /// Pingora binds its listeners inside the proxy service's own runtime and says nothing when
-/// they are up, so this connects to each until it is accepted. During an upgrade the old
-/// process may accept that connection, but by then this process holds the same sockets: it
-/// received them before any service started.
+/// they are up, so this polls the kernel's socket table until each address listens. Not by
+/// connecting: an empty connection to the HTTPS listener is a failed handshake that Pingora
+/// logs as an error. During an upgrade the sockets were handed over before any service
+/// started, so they already listen.
 struct Readiness {
     listeners: Vec<SocketAddr>,
     pid_file: Option<PathBuf>,
@@ -238,19 +239,16 @@ struct Readiness {
 impl BackgroundService for Readiness {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         for &addr in &self.listeners {
-            // 0.0.0.0 and [::] are reached through the loopback address of their family.
-            let target = match addr.ip() {
-                ip if ip.is_unspecified() && ip.is_ipv4() => {
-                    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
-                }
-                ip if ip.is_unspecified() => {
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
-                }
-                _ => addr,
-            };
             loop {
-                if tokio::net::TcpStream::connect(target).await.is_ok() {
-                    break;
+                match crate::notify::listening(addr) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        // No socket table to read (not Linux, /proc not mounted): readiness
+                        // cannot be told, so say ready rather than never.
+                        tracing::warn!("cannot tell whether {addr} listens: {e}");
+                        break;
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.changed() => return,
