@@ -4,7 +4,9 @@
 //! From the edge inwards; each module imports only those below it (no import circle).
 //!
 //! **Running it**
-//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit.
+//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit;
+//!   [`notify`]: systemd's readiness message; [`health`]: `shiftgate health`, the probe of
+//!   `/readyz` that containers run.
 //! - [`edge`]: every client connection before Pingora's HTTP handling: the connection cap, the
 //!   request head and keep-alive idle timers.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
@@ -25,7 +27,8 @@
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
 //! - [`shared_budget`]: the seam to the budget state replicas share (Redis, or in memory).
 //! - [`route`]: path templates, first-match routing, the upstream path and header rewrite;
-//!   [`hygiene`]: what a request head must be before it is routed (a bounded size).
+//!   [`hygiene`]: what a request head must be before it is routed (a bounded size);
+//!   [`forwarded`]: the client's address behind `trusted_proxies` (X-Forwarded-For).
 //! - [`config`]: config.yaml, parsed strictly and validated into [`config::Config`].
 //! - [`tls`]: the HTTPS listener's certificate pair (PEM, key checked against the chain) and the
 //!   resolver that swaps it on reload; the config loads the pair, so a bad one is a config error.
@@ -49,12 +52,15 @@ pub mod demo;
 pub mod digest;
 pub mod edge;
 pub mod emulator;
+pub mod forwarded;
 pub mod genesys;
 pub mod harness;
+pub mod health;
 pub mod hygiene;
 pub mod loadtest;
 pub mod local_response;
 pub mod metrics;
+pub mod notify;
 pub mod pacer;
 pub mod proxy;
 pub mod reload;

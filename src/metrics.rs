@@ -41,6 +41,14 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_queue_max_depth", "gauge"),
     ("shiftgate_budget_paused_seconds", "gauge"),
     ("shiftgate_max_connections", "gauge"),
+    // The standard process metrics (the contract's `process_*`), from /proc/self on Linux.
+    ("process_cpu_seconds_total", "counter"),
+    ("process_open_fds", "gauge"),
+    ("process_max_fds", "gauge"),
+    ("process_virtual_memory_bytes", "gauge"),
+    ("process_resident_memory_bytes", "gauge"),
+    ("process_start_time_seconds", "gauge"),
+    ("process_threads", "gauge"),
 ];
 
 /// The `listener` label of `shiftgate_connections`: the plain HTTP listener, the HTTPS one.
@@ -290,6 +298,16 @@ impl Metrics {
         ))
         .expect("valid metric options");
         register(&registry, max_connections.clone());
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_virtual_memory_bytes, process_start_time_seconds,
+        // process_threads: read from /proc/self on each scrape (Linux only; elsewhere the
+        // collector reports nothing).
+        #[cfg(target_os = "linux")]
+        register(
+            &registry,
+            prometheus::process_collector::ProcessCollector::for_self(),
+        );
+
         Metrics {
             registry,
             requests_total,

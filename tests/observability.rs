@@ -1077,3 +1077,53 @@ async fn an_untouched_budget_reads_exactly_its_configured_rate() {
         wrong.join("\n")
     );
 }
+
+/// The standard process metrics describe the proxy's own process: resident memory, open file
+/// descriptors (within the limit, and about what /proc says), threads, CPU time and start time,
+/// on the proxy's registry (the scrape of `/metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_metrics_describe_the_proxy_process() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&config("100/s", "10s"), emu.local_addr()).await;
+    let text = proxy.metrics().await;
+    promtool_check_metrics(&text);
+    let (types, _) = parse_exposition(&text);
+    let value = |name: &str| -> f64 {
+        metric_value(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "process_threads",
+    ] {
+        assert!(types.contains_key(name), "{name} in the scrape");
+    }
+    let rss = value("process_resident_memory_bytes");
+    let fds = value("process_open_fds");
+    let max_fds = value("process_max_fds");
+    let threads = value("process_threads");
+    let started = value("process_start_time_seconds");
+    let fds_in_proc = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+        .unwrap()
+        .count() as f64;
+    println!(
+        "FIGURES process: rss {:.1} MiB, open fds {fds} (/proc: {fds_in_proc}) of {max_fds}, \
+         threads {threads}, cpu {} s, started {:.0} s ago",
+        rss / 1048576.0,
+        value("process_cpu_seconds_total"),
+        unix_now() - started
+    );
+    assert!(rss > 1_000_000.0, "resident memory {rss}");
+    assert!(fds > 5.0 && fds <= max_fds, "open fds {fds} of {max_fds}");
+    assert!(
+        (fds - fds_in_proc).abs() <= 5.0,
+        "open fds {fds}, /proc says {fds_in_proc}: the proxy's process, not another"
+    );
+    assert!(threads >= 2.0, "threads {threads}");
+    let age = unix_now() - started;
+    assert!((0.0..120.0).contains(&age), "started {age} s ago");
+}

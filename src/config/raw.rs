@@ -108,6 +108,8 @@ pub(super) struct RawConfig {
     pub cluster: Option<RawCluster>,
     #[serde(default)]
     pub reload: RawReload,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
