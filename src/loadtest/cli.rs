@@ -25,7 +25,7 @@ pub enum EndpointArg {
 /// Shift-change load against a target: agents changing their presence or routing status at once.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadtestArgs {
-    /// Where to send the load: http://host:port[/base] (shiftgate's listener or an emulator)
+    /// Where to send the load: http[s]://host[:port][/base] (shiftgate's listener, an emulator, or a Genesys API host)
     #[arg(long, value_name = "URL")]
     pub target: String,
     /// Concurrent agents, each with its own keep-alive connection
@@ -349,7 +349,10 @@ mod tests {
                 "is not an HTTP method",
             ),
             (&["--agents", "0"], "agents must be at least 1"),
-            (&["--target", "https://127.0.0.1:8443"], "uses https"),
+            (
+                &["--target", "ftp://127.0.0.1:8443"],
+                "is not http or https",
+            ),
         ];
         for (extra, expected) in cases {
             let mut argv = extra.to_vec();

@@ -457,10 +457,13 @@ mod tests {
             ),
             (
                 LoadSpec {
-                    target: "https://127.0.0.1:8443".into(),
+                    target: "ftp://127.0.0.1:8443".into(),
                     ..LoadSpec::default()
                 },
-                SpecError::Target(TargetError::Https("https://127.0.0.1:8443".into())),
+                SpecError::Target(TargetError::Invalid {
+                    target: "ftp://127.0.0.1:8443".into(),
+                    reason: "scheme \"ftp\" is not http or https".into(),
+                }),
             ),
         ];
         for (spec, expected) in cases {
