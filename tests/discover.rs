@@ -369,3 +369,148 @@ async fn a_refused_login_exits_1_and_a_missing_secret_variable_exits_2() {
     let missing = run(None).await;
     assert_eq!(missing.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_status_is_measured_and_every_user_put_back() {
+    let emulator = org(
+        "token_rate_per_minute: 0\nlimits_api: false\nroute_limits:\n  - { name: per-token, method: PUT, path: \"/api/v2/users/{u}/routingstatus\", limit: \"20/4s\", per: token }\n",
+    )
+    .await;
+    // User 0 starts IDLE: it must be IDLE again at the end.
+    let token = mint(&emulator).await;
+    let path = format!(
+        "/api/v2/users/{}/routingstatus",
+        shiftgate::loadtest::user_id(0)
+    );
+    let answer = common::request(
+        emulator.local_addr(),
+        Method::PUT,
+        &path,
+        &[
+            ("Authorization", &format!("Bearer {token}")),
+            ("Content-Type", "application/json"),
+        ],
+        json!({"userId": shiftgate::loadtest::user_id(0), "status": "IDLE"}).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200);
+    emulator.reset_stats();
+    let dir = tempfile::tempdir().unwrap();
+    let out = discover(
+        &emulator,
+        &["--endpoint", "routing-status", "--max-requests", "250"],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.json["endpoint"],
+        "PUT /api/v2/users/{userId}/routingstatus"
+    );
+    let token_limit = limit(&out.json, "token");
+    assert_eq!(token_limit["lower_bound"], false, "{}", out.json);
+    assert!(
+        within_10_percent(token_limit["requests"].as_f64().unwrap(), 20.0),
+        "{token_limit}"
+    );
+    assert!(
+        within_10_percent(token_limit["window_s"].as_f64().unwrap(), 4.0),
+        "{token_limit}"
+    );
+    assert_eq!(out.json["users_restored"], out.json["users_touched"]);
+    let token = mint(&emulator).await;
+    let answer = common::request(
+        emulator.local_addr(),
+        Method::GET,
+        &path,
+        &[("Authorization", &format!("Bearer {token}"))],
+        "",
+    )
+    .await
+    .unwrap();
+    let status: Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(status["status"], "IDLE");
+    let config = out.json["config"].as_str().unwrap();
+    assert!(config.contains("name: routing-status"), "{config}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_experiment_and_still_restores_every_user() {
+    // No limit at all: the experiment would ramp for a long while.
+    let emulator = org("token_rate_per_minute: 0\n").await;
+    prepare(&emulator).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", emulator.local_addr());
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
+        .args([
+            "discover",
+            "--api",
+            &url,
+            "--login",
+            &url,
+            "--client-id",
+            "app",
+            "--client-secret-env",
+            "DISCOVER_TEST_SECRET",
+            "--users-from-api",
+            "10",
+            "--json",
+        ])
+        .env("DISCOVER_TEST_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the experiment is under way: PATCHes arrive.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while emulator.stats().count("presence_patch", 200) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the experiment never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let json: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(json["interrupted"], true);
+    let touched = json["users_touched"].as_u64().unwrap();
+    assert!(touched > 0);
+    assert_eq!(json["users_restored"].as_u64().unwrap(), touched);
+    let out = Outcome {
+        code: 0,
+        json,
+        stdout,
+        stderr,
+    };
+    // Users as found; the config and report are not written on this run.
+    for i in [0usize, 1] {
+        let path = format!(
+            "/api/v2/users/{}/presences/purecloud",
+            shiftgate::loadtest::user_id(i)
+        );
+        let token = mint(&emulator).await;
+        let answer = common::request(
+            emulator.local_addr(),
+            Method::GET,
+            &path,
+            &[("Authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await
+        .unwrap();
+        let presence: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(presence["presenceDefinition"]["id"], BUSY, "user {i}");
+    }
+    assert!(!out.stdout.contains(SECRET) && !out.stderr.contains(SECRET));
+    drop(dir);
+}
