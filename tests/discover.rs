@@ -514,3 +514,74 @@ async fn ctrl_c_stops_the_experiment_and_still_restores_every_user() {
     assert!(!out.stdout.contains(SECRET) && !out.stderr.contains(SECRET));
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_against_a_real_org_uses_its_tokens_users_and_definitions_and_restores_them() {
+    let emulator = org("").await;
+    prepare(&emulator).await;
+    let url = format!("http://{}", emulator.local_addr());
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
+        .args([
+            "loadtest",
+            "--target",
+            &url,
+            "--client-id",
+            "app",
+            "--client-secret-env",
+            "DISCOVER_TEST_SECRET",
+            "--users-from-api",
+            "4",
+            "--agents",
+            "4",
+            "--loops",
+            "3",
+            "--tokens",
+            "2",
+            "--json",
+        ])
+        .env("DISCOVER_TEST_SECRET", SECRET)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+    assert!(stderr.contains("4 of 4 users restored"), "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        summary["by_status"]["200"], 12,
+        "issued tokens are accepted: {summary}"
+    );
+    let stats = emulator.stats();
+    assert_eq!(stats.count("oauth_token", 200), 2, "two tokens minted");
+    assert_eq!(
+        stats.count("presence_patch", 200),
+        12 + 4,
+        "the run, then one restore a user"
+    );
+    assert_eq!(
+        stats.count("presence_patch", 400),
+        0,
+        "real definition ids only"
+    );
+    for i in [0usize, 1] {
+        let token = mint(&emulator).await;
+        let path = format!(
+            "/api/v2/users/{}/presences/purecloud",
+            shiftgate::loadtest::user_id(i)
+        );
+        let answer = common::request(
+            emulator.local_addr(),
+            Method::GET,
+            &path,
+            &[("Authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await
+        .unwrap();
+        let presence: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(presence["presenceDefinition"]["id"], BUSY, "user {i}");
+        assert_eq!(presence["message"], format!("lunch {i}"), "user {i}");
+    }
+}

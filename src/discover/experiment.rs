@@ -16,10 +16,10 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use super::endpoint::{Endpoint, Found};
 use super::estimate::{fit_window, peak_rate, FoundLimit, Refusal, Scope, Shot, WindowFit};
-use super::org::{Org, OrgError, Reply, Token};
 use super::schedule::Schedule;
+use crate::loadtest::org::{Org, OrgError, Reply, Token};
+use crate::loadtest::user_state::{Found, StateEndpoint as Endpoint};
 
 /// One request of the run, for the report and the latency figures.
 #[derive(Debug, Clone)]

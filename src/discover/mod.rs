@@ -4,18 +4,16 @@
 //! # Layout
 //! - [`schedule`]: when the n-th request of a step is due (a capped geometric ramp, or constant).
 //! - [`estimate`]: pure: the fixed window that a run of answers and its first 429 imply.
-//! - [`endpoint`]: the endpoints measured, how a user's state is read and sent back.
-//! - `org`: the org over the load generator's client: tokens, reads, calls; secrets redacted.
+//! - the org itself is [`crate::loadtest::org`] (tokens, calls) and a user's state
+//!   [`crate::loadtest::user_state`] (read, put back), shared with the load test.
 //! - `experiment`: the steps, the scope probe, the bounds, restoring users.
 //! - `output`: summary, `--json`, config.yaml, HTML report.
 //!
 //! The estimator and the schedule know nothing of sockets or clocks, so they are unit-tested on
 //! simulated answers; the driver is tested against the emulator (`tests/discover.rs`).
 
-pub mod endpoint;
 pub mod estimate;
 mod experiment;
-mod org;
 mod output;
 pub mod schedule;
 
@@ -26,14 +24,14 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use endpoint::Endpoint;
+pub use crate::loadtest::user_state::StateEndpoint as Endpoint;
 pub use estimate::{fit_window, FoundLimit, Refusal, Scope, Shot, WindowFit};
 pub use output::{config_yaml, Report, GUARD_BAND};
 pub use schedule::Schedule;
 
+use crate::loadtest::org::{Org, OrgError, Secret};
 use crate::loadtest::Target;
 use experiment::{Run, HOUSEKEEPING_USES, ONE_TOKEN_CAP, RAMP_GROWTH, RAMP_START};
-use org::{Org, OrgError, Secret};
 use output::{Latency, Listed};
 
 /// Measure an org's limits for one endpoint (per token and org-wide) and write a config.

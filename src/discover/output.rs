@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::endpoint::Endpoint;
 use super::estimate::{FoundLimit, Scope};
 use super::experiment::Sample;
+use super::Endpoint;
 use crate::loadtest::charts::{line_chart, Series};
 use crate::loadtest::Percentiles;
 

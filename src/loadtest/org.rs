@@ -1,5 +1,5 @@
-//! The org as discovery speaks to it: client-credentials tokens, the reads (users, presence
-//! definitions, limits) and one call, over the load generator's keep-alive client.
+//! A real org as discovery and the load test speak to it: client-credentials tokens and API
+//! calls over the keep-alive client, with a pool of connections shared by calls in flight.
 //!
 //! Secrets stay inside [`Secret`] and [`Token`], whose `Debug` shows nothing: neither can reach a
 //! log line or an error message by accident.
@@ -13,8 +13,8 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::loadtest::client::{AgentConnection, ClientError, OutgoingRequest};
-use crate::loadtest::Target;
+use super::client::{AgentConnection, ClientError, OutgoingRequest};
+use super::Target;
 
 /// The OAuth client's secret, as read from the environment.
 #[derive(Clone)]
@@ -35,6 +35,16 @@ impl fmt::Debug for Secret {
 /// An access token; `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Token(Arc<str>);
+
+impl Token {
+    /// The `Authorization` value, marked sensitive so that no header dump shows it.
+    pub fn bearer(&self) -> HeaderValue {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+        value.set_sensitive(true);
+        value
+    }
+}
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

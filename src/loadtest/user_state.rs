@@ -1,10 +1,11 @@
-//! The endpoints discovery can measure: how each is called, read back and put back as found.
+//! A user's state that discovery and the load test change and put back: presence or routing
+//! status, how each is read, written, and sent back as found.
 
 use serde_json::{json, Value};
 
-/// `--endpoint`.
+/// The state endpoint: discover's `--endpoint`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Endpoint {
+pub enum StateEndpoint {
     /// PATCH /api/v2/users/{userId}/presences/purecloud
     Presence,
     /// PUT /api/v2/users/{userId}/routingstatus
@@ -23,45 +24,45 @@ pub enum Found {
     },
 }
 
-impl Endpoint {
+impl StateEndpoint {
     /// The endpoint as the contract's `endpoint` field spells it.
     pub fn describe(self) -> &'static str {
         match self {
-            Endpoint::Presence => "PATCH /api/v2/users/{userId}/presences/purecloud",
-            Endpoint::RoutingStatus => "PUT /api/v2/users/{userId}/routingstatus",
+            StateEndpoint::Presence => "PATCH /api/v2/users/{userId}/presences/purecloud",
+            StateEndpoint::RoutingStatus => "PUT /api/v2/users/{userId}/routingstatus",
         }
     }
 
     pub fn method(self) -> http::Method {
         match self {
-            Endpoint::Presence => http::Method::PATCH,
-            Endpoint::RoutingStatus => http::Method::PUT,
+            StateEndpoint::Presence => http::Method::PATCH,
+            StateEndpoint::RoutingStatus => http::Method::PUT,
         }
     }
 
     /// The user's path; GET reads it, the endpoint's method writes it.
     pub fn path(self, user: &str) -> String {
         match self {
-            Endpoint::Presence => format!("/api/v2/users/{user}/presences/purecloud"),
-            Endpoint::RoutingStatus => format!("/api/v2/users/{user}/routingstatus"),
+            StateEndpoint::Presence => format!("/api/v2/users/{user}/presences/purecloud"),
+            StateEndpoint::RoutingStatus => format!("/api/v2/users/{user}/routingstatus"),
         }
     }
 
     /// The config's names for it: route and budget.
     pub fn route_name(self) -> &'static str {
         match self {
-            Endpoint::Presence => "presence",
-            Endpoint::RoutingStatus => "routing-status",
+            StateEndpoint::Presence => "presence",
+            StateEndpoint::RoutingStatus => "routing-status",
         }
     }
 
     /// The proxy route's match for it.
     pub fn route_match(self) -> &'static str {
         match self {
-            Endpoint::Presence => {
+            StateEndpoint::Presence => {
                 "{ method: PATCH, path: \"/api/v2/users/{userId}/presences/{sourceId}\" }"
             }
-            Endpoint::RoutingStatus => {
+            StateEndpoint::RoutingStatus => {
                 "{ method: PUT, path: \"/api/v2/users/{userId}/routingstatus\" }"
             }
         }
@@ -71,11 +72,11 @@ impl Endpoint {
     /// put back exactly (such a user is not touched).
     pub fn found(self, answer: &Value) -> Option<Found> {
         match self {
-            Endpoint::Presence => Some(Found::Presence {
+            StateEndpoint::Presence => Some(Found::Presence {
                 definition_id: answer["presenceDefinition"]["id"].as_str()?.to_string(),
                 message: answer["message"].as_str().map(str::to_string),
             }),
-            Endpoint::RoutingStatus => Some(Found::RoutingStatus {
+            StateEndpoint::RoutingStatus => Some(Found::RoutingStatus {
                 status: answer["status"].as_str()?.to_string(),
             }),
         }
@@ -108,13 +109,16 @@ mod tests {
     #[test]
     fn a_found_presence_is_sent_back_with_its_definition_and_message() {
         let answer = json!({"presenceDefinition": {"id": "d1", "systemPresence": "Busy"}, "message": "lunch"});
-        let found = Endpoint::Presence.found(&answer).unwrap();
+        let found = StateEndpoint::Presence.found(&answer).unwrap();
         assert_eq!(
             found.body("u"),
             json!({"presenceDefinition": {"id": "d1"}, "message": "lunch"})
         );
-        assert_eq!(Endpoint::Presence.found(&json!({"message": "x"})), None);
-        let status = Endpoint::RoutingStatus
+        assert_eq!(
+            StateEndpoint::Presence.found(&json!({"message": "x"})),
+            None
+        );
+        let status = StateEndpoint::RoutingStatus
             .found(&json!({"userId": "u", "status": "IDLE"}))
             .unwrap();
         assert_eq!(status.body("u"), json!({"userId": "u", "status": "IDLE"}));
