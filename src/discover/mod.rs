@@ -192,7 +192,7 @@ pub async fn main(args: DiscoverArgs) -> anyhow::Result<()> {
     // Login first: a refused client is the commonest mistake, and it costs nothing.
     run.org.mint().await.map_err(DiscoverError::from)?;
 
-    let progress = progress_bar(args.json);
+    let progress = progress_bar();
     run.set_phase("reading");
     let listed = read_listed_limits(&run).await?;
     if args.endpoint == Endpoint::Presence {
@@ -301,12 +301,12 @@ pub async fn main(args: DiscoverArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress_bar(json: bool) -> Option<ProgressBar> {
-    // Only for a person at a terminal; --json readers get stdout alone either way.
+/// A live progress line on stderr, only for a person at a terminal (stdout stays the summary
+/// or the one JSON object).
+fn progress_bar() -> Option<ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
-    let _ = json;
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(ProgressStyle::with_template("{spinner} discover: {msg}").expect("template"));
     bar.enable_steady_tick(Duration::from_millis(120));
