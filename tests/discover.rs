@@ -585,3 +585,56 @@ async fn loadtest_against_a_real_org_uses_its_tokens_users_and_definitions_and_r
         assert_eq!(presence["message"], format!("lunch {i}"), "user {i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_org_client_speaks_https_trusting_the_systems_roots() {
+    // shiftgate's TLS listener in front of the emulator stands for an https API; the system's
+    // roots are this test's CA through SSL_CERT_FILE, as on a machine that trusts it.
+    let emulator = org("").await;
+    prepare(&emulator).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    let port = shiftgate::harness::ReservedPort::loopback().unwrap();
+    let tls = format!(
+        "tls:\n  listen: \"{}\"\n  cert: {}\n  key: {}",
+        port.addr(),
+        cert.display(),
+        key.display()
+    );
+    let config = common::ProxyConfig::new()
+        .route(r#"{ name: default, match: { path: "/**" } }"#)
+        .yaml(&tls);
+    let _proxy = common::ProxyProcess::start(&config, emulator.local_addr()).await;
+    let url = format!("https://localhost:{}", port.port());
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
+        .args([
+            "loadtest",
+            "--target",
+            &url,
+            "--client-id",
+            "app",
+            "--client-secret-env",
+            "DISCOVER_TEST_SECRET",
+            "--users-from-api",
+            "4",
+            "--agents",
+            "4",
+            "--loops",
+            "2",
+            "--json",
+        ])
+        .env("DISCOVER_TEST_SECRET", SECRET)
+        .env("SSL_CERT_FILE", &cert)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("4 of 4 users restored"), "{stderr}");
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["by_status"]["200"], 8, "{summary}");
+    assert_eq!(emulator.stats().count("oauth_token", 200), 1);
+}
