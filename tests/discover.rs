@@ -404,6 +404,14 @@ async fn routing_status_is_measured_and_every_user_put_back() {
     )
     .await;
     assert_eq!(out.code, 0, "{}", out.stderr);
+    eprintln!(
+        "found {} with {} requests, {} 429s, {} of {} users restored",
+        out.json["limits"],
+        out.json["requests_sent"],
+        out.json["upstream_429s"],
+        out.json["users_restored"],
+        out.json["users_touched"]
+    );
     assert_eq!(
         out.json["endpoint"],
         "PUT /api/v2/users/{userId}/routingstatus"
