@@ -147,6 +147,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         think_time: Duration::ZERO,
         sdk_retry,
         extra_headers: Vec::new(),
+        real_org: Default::default(),
     };
     let retries = args.sdk_retries;
     let runs: [(&'static str, String, String, u32, usize); 3] = [

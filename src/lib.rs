@@ -40,7 +40,10 @@
 //!
 //! **Around it**
 //! - [`emulator`]: a stand-in for the Genesys API, for tests, load tests and the demo.
-//! - [`loadtest`]: the shift-change load generator and the HTTP client of the tests.
+//! - [`loadtest`]: the shift-change load generator and its HTTP client (http and https), also
+//!   the client of the tests.
+//! - [`discover`]: measures a real org's limits for one endpoint (per token and org-wide) and
+//!   writes a config; uses [`loadtest`]'s client, never the proxy.
 //! - [`demo`]: one shift change straight at the emulator and through the proxy, side by side.
 //! - [`harness`]: the emulator on a thread of its own and the real binary as a child process,
 //!   on reserved loopback ports: what the demo and the end-to-end tests start.
@@ -50,6 +53,7 @@ pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod digest;
+pub mod discover;
 pub mod edge;
 pub mod emulator;
 pub mod forwarded;

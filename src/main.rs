@@ -1,4 +1,4 @@
-//! The `shiftgate` binary: `run`, `check`, `health`, `emulate`, `loadtest`, `demo`,
+//! The `shiftgate` binary: `run`, `check`, `health`, `emulate`, `loadtest`, `discover`, `demo`,
 //! `completions`, `man`.
 
 use std::path::PathBuf;
@@ -79,6 +79,9 @@ enum Command {
     },
     /// Shift-change load against a target, with a report.
     Loadtest(shiftgate::loadtest::LoadtestArgs),
+    /// Measure an org's limits for one endpoint (per token, org-wide), restore every user
+    /// touched, and write a config.
+    Discover(shiftgate::discover::DiscoverArgs),
     /// Start an emulator and a proxy in-process and run the same shift change straight at the
     /// emulator and through the proxy.
     Demo(shiftgate::demo::DemoArgs),
@@ -208,6 +211,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("shiftgate loadtest: {e:#}");
                 ExitCode::from(shiftgate::loadtest::exit_code(&e) as u8)
+            }
+        },
+        Command::Discover(args) => match runtime().block_on(shiftgate::discover::main(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shiftgate discover: {e:#}");
+                ExitCode::from(shiftgate::discover::exit_code(&e) as u8)
             }
         },
         Command::Demo(args) => match shiftgate::demo::run(args) {
