@@ -20,6 +20,8 @@
 //!   [`pacer::queue`] decides from (state, now) whom to admit and release, and which keys of a
 //!   keyed budget to forget (at most `max_keys`, idle ones first); the handle reads the clock,
 //!   delivers grants and, in cluster mode, leases slots.
+//! - [`coalesce`]: single updates grouped per token into batches for bulk calls, never two of
+//!   one user in a batch, each user's updates in order.
 //! - [`throttle`]: what an upstream 429 means: pause, probe, learn the limit, retry delay.
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures.
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
@@ -44,6 +46,7 @@
 
 pub mod admin;
 pub mod budget;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod digest;

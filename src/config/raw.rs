@@ -154,6 +154,17 @@ pub(super) struct RawRoute {
     pub max_wait: Option<String>,
     #[serde(default)]
     pub priority: Option<String>,
+    #[serde(default)]
+    pub coalesce: Option<RawCoalesce>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct RawCoalesce {
+    pub into: String,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub max_batch: Option<i64>,
 }
 
 #[derive(Deserialize)]
