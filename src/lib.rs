@@ -11,6 +11,8 @@
 //!   [`status_page`]: the page and JSON it shows; [`reload`]: all-or-nothing config reload.
 //! - [`proxy`]: the Pingora `ProxyHttp` implementation, the only module that knows `Session`:
 //!   each hook translates between the session and the plain types below.
+//! - [`bulk`]: coalescing at run time: a task per token waits for the bulk route's slot, makes
+//!   the bulk call (its own HTTP client) and hands each update its own answer.
 //! - [`state`]: the running proxy's state (config in force, pacer, metrics, lifecycle), fields
 //!   private behind one method per change; [`resolve`]: upstream names resolved off the request
 //!   path.
@@ -46,6 +48,7 @@
 
 pub mod admin;
 pub mod budget;
+pub mod bulk;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
