@@ -170,6 +170,31 @@ impl<K: Hash + Eq + Clone, T> Batcher<K, T> {
         }
     }
 
+    /// Takes back the first waiting update (open batch or later) that `is` picks, when its
+    /// request ended before its batch left; whether there was one. Its user is free again only
+    /// if it was in the open batch (a later update never made it busy).
+    pub fn remove(&mut self, key: &K, mut is: impl FnMut(&T) -> bool) -> bool {
+        let max_batch = self.max_batch;
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return false;
+        };
+        if let Some(i) = lane.open.iter().position(|w| is(&w.item)) {
+            let w = lane.open.remove(i);
+            lane.busy.remove(&w.user);
+            lane.first = lane.open.iter().map(|w| w.arrived).min();
+        } else if let Some(i) = lane.later.iter().position(|w| is(&w.item)) {
+            lane.later.remove(i);
+        } else {
+            return false;
+        }
+        self.waiting -= 1;
+        lane.refill(max_batch);
+        if lane.is_idle() {
+            self.lanes.remove(key);
+        }
+        true
+    }
+
     /// The updates of `users` (from a sealed batch) are answered: their next updates may join.
     pub fn done<'a>(&mut self, key: &K, users: impl IntoIterator<Item = &'a str>) {
         let max_batch = self.max_batch;
@@ -299,6 +324,33 @@ mod tests {
         let batch = b.seal(&"k");
         assert_eq!(batch.iter().map(|(_, t)| *t).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(b.waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_taken_back_frees_its_user_only_if_it_held_it() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(10 * MS, 50);
+        b.push(&"k", "a", 1, t0);
+        assert_eq!(users(&b.seal(&"k")), ["a"]);
+        b.push(&"k", "a", 2, t0 + MS);
+        b.push(&"k", "a", 3, t0 + 2 * MS);
+        // 2 waits behind the 1 in flight; taking it back leaves a busy (1 is still in flight)
+        assert!(b.remove(&"k", |&i| i == 2));
+        assert!(!b.remove(&"k", |&i| i == 2));
+        assert_eq!(b.ready_at(&"k"), None, "a is still in flight");
+        b.done(&"k", ["a"]);
+        assert_eq!(
+            b.seal(&"k").into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+            [3]
+        );
+        b.push(&"k", "b", 4, t0 + 3 * MS);
+        b.push(&"k", "b", 5, t0 + 4 * MS);
+        // 4 held b in the open batch: taken back, 5 takes its place
+        assert!(b.remove(&"k", |&i| i == 4));
+        assert_eq!(
+            b.seal(&"k").into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+            [5]
+        );
     }
 
     proptest::proptest! {

@@ -8,6 +8,7 @@
 pub mod client;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,8 @@ pub struct Answered {
 }
 
 struct Pending {
+    /// Names it for its [`Busy`].
+    id: u64,
     entry: Value,
     authorization: Option<HeaderValue>,
     arrived: Instant,
@@ -79,6 +82,7 @@ struct Lanes {
 #[derive(Clone, Default)]
 pub struct Coalescer {
     routes: Arc<Mutex<HashMap<String, Lanes>>>,
+    next_id: Arc<AtomicU64>,
     client: Arc<client::Client>,
 }
 
@@ -89,13 +93,17 @@ pub struct Busy {
     route: String,
     key: Key,
     user: String,
+    id: u64,
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
         let mut routes = self.coalescer.lock();
         if let Some(lanes) = routes.get_mut(&self.route) {
-            lanes.batcher.done(&self.key, [self.user.as_str()]);
+            // Still waiting: its client left before its batch did.
+            if !lanes.batcher.remove(&self.key, |p| p.id == self.id) {
+                lanes.batcher.done(&self.key, [self.user.as_str()]);
+            }
             if let Some(n) = lanes.drivers.get(&self.key) {
                 n.notify_one();
             }
@@ -151,7 +159,9 @@ impl Coalescer {
             return Err(Rejection::TooLong { wait });
         }
         let now = tokio::time::Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pending = Pending {
+            id,
             entry: update.entry,
             authorization: update.authorization,
             arrived: Instant::now(),
@@ -178,6 +188,7 @@ impl Coalescer {
             route: route.name.clone(),
             key,
             user: update.user,
+            id,
         };
         Ok((rx, busy))
     }
