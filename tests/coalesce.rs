@@ -338,3 +338,34 @@ async fn a_batch_of_one_goes_as_the_original_request() {
     assert_eq!(json(&got)["via"], "alone");
     assert!(header(&got, "X-Shiftgate-Batch").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_client_left_is_not_sent_and_frees_its_user() {
+    let api = stub_api().await;
+    let proxy = ProxyProcess::start(&proxy_config("1500ms"), api).await;
+    // The first update of user-x: its client leaves while the batch waits.
+    let body = presence::body_with_message("left");
+    let head = format!(
+        "PATCH {} HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        presence::path("user-x"),
+        body.len()
+    );
+    raw(proxy.addr(), head.as_bytes(), Duration::from_millis(100)).await;
+    proxy
+        .wait_for_metric(
+            r#"shiftgate_client_disconnects_total{route="presence"}"#,
+            Duration::from_secs(5),
+            |v| v >= 1.0,
+        )
+        .await;
+    // Its next update, and another user's, join the same batch.
+    let updates = [("user-x", "stayed"), ("user-y", "other")]
+        .into_iter()
+        .map(|(u, m)| (u.to_string(), presence::body_with_message(m)))
+        .collect();
+    let answers = at_once(&proxy, updates).await;
+    assert_eq!(json(&answers[0])["message"], "stayed");
+    assert_eq!(json(&answers[0])["via"], "bulk");
+    assert_eq!(header(&answers[0], "X-Shiftgate-Batch"), Some("2"));
+    assert_eq!(json(&answers[1])["message"], "other");
+}
