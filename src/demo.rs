@@ -147,6 +147,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         think_time: Duration::ZERO,
         sdk_retry,
         extra_headers: Vec::new(),
+        real_org: Default::default(),
     };
     let retries = args.sdk_retries;
     let runs: [(&'static str, String, String, u32, usize); 3] = [
@@ -258,6 +259,7 @@ async fn one_token(args: &DemoArgs) -> anyhow::Result<()> {
             think_time: Duration::ZERO,
             sdk_retry: 0,
             extra_headers: Vec::new(),
+            real_org: Default::default(),
         };
         let result = loadtest::run(spec, None).await?;
         print_now(&format!("{:.1} s\n", started.elapsed().as_secs_f64()));

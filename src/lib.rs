@@ -4,7 +4,9 @@
 //! From the edge inwards; each module imports only those below it (no import circle).
 //!
 //! **Running it**
-//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit.
+//! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit;
+//!   [`notify`]: systemd's readiness message; [`health`]: `shiftgate health`, the probe of
+//!   `/readyz` that containers run.
 //! - [`edge`]: every client connection before Pingora's HTTP handling: the connection cap, the
 //!   request head and keep-alive idle timers.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
@@ -29,7 +31,8 @@
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
 //! - [`shared_budget`]: the seam to the budget state replicas share (Redis, or in memory).
 //! - [`route`]: path templates, first-match routing, the upstream path and header rewrite;
-//!   [`hygiene`]: what a request head must be before it is routed (a bounded size).
+//!   [`hygiene`]: what a request head must be before it is routed (a bounded size);
+//!   [`forwarded`]: the client's address behind `trusted_proxies` (X-Forwarded-For).
 //! - [`config`]: config.yaml, parsed strictly and validated into [`config::Config`].
 //! - [`tls`]: the HTTPS listener's certificate pair (PEM, key checked against the chain) and the
 //!   resolver that swaps it on reload; the config loads the pair, so a bad one is a config error.
@@ -41,7 +44,10 @@
 //!
 //! **Around it**
 //! - [`emulator`]: a stand-in for the Genesys API, for tests, load tests and the demo.
-//! - [`loadtest`]: the shift-change load generator and the HTTP client of the tests.
+//! - [`loadtest`]: the shift-change load generator and its HTTP client (http and https), also
+//!   the client of the tests.
+//! - [`discover`]: measures a real org's limits for one endpoint (per token and org-wide) and
+//!   writes a config; uses [`loadtest`]'s client, never the proxy.
 //! - [`demo`]: one shift change straight at the emulator and through the proxy, side by side.
 //! - [`harness`]: the emulator on a thread of its own and the real binary as a child process,
 //!   on reserved loopback ports: what the demo and the end-to-end tests start.
@@ -53,14 +59,18 @@ pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod digest;
+pub mod discover;
 pub mod edge;
 pub mod emulator;
+pub mod forwarded;
 pub mod genesys;
 pub mod harness;
+pub mod health;
 pub mod hygiene;
 pub mod loadtest;
 pub mod local_response;
 pub mod metrics;
+pub mod notify;
 pub mod pacer;
 pub mod proxy;
 pub mod reload;

@@ -23,8 +23,8 @@ pub enum Reason {
     BadRequest,
     /// A request head over [`crate::hygiene::MAX_HEAD_BYTES`].
     HeaderTooLarge,
-    /// `limits.max_connections` client connections are open: a new one is answered this, before
-    /// its request is read, and closed.
+    /// `limits.max_connections` client connections are open: a new one is answered this once
+    /// its request head has come (before it is parsed or routed), and closed.
     Overloaded,
 }
 

@@ -1,15 +1,26 @@
-//! The `shiftgate` binary: `run`, `check`, `emulate`, `loadtest`, `demo`.
+//! The `shiftgate` binary: `run`, `check`, `health`, `emulate`, `loadtest`, `discover`, `demo`,
+//! `completions`, `man`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use shiftgate::config::{Config, LogFormat};
+
+/// `shiftgate --version`: the crate's version, the commit and the build date (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SHIFTGATE_COMMIT"),
+    ", built ",
+    env!("SHIFTGATE_BUILD_DATE"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "shiftgate",
-    version,
+    version = VERSION,
     about = "A rate-shaping reverse proxy for the Genesys Cloud Platform API"
 )]
 struct Cli {
@@ -31,14 +42,32 @@ enum Command {
         /// Socket through which the listeners are handed over during an upgrade.
         #[arg(long, default_value = "/tmp/shiftgate_upgrade.sock")]
         upgrade_sock: PathBuf,
-        #[arg(long, default_value = "/tmp/shiftgate.pid")]
-        pid_file: PathBuf,
+        /// Write this process's PID to this file once it serves (after an upgrade, once it has
+        /// taken the sockets over), for supervisors that track one (systemd's PIDFile=). Not
+        /// removed on exit. Without it, no file is written.
+        #[arg(long, value_name = "PATH")]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a config file and exit: 0 with a summary, 1 with every error.
     Check {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Ask a running proxy's admin listener for /readyz: exit 0 when it answers 200 (serving),
+    /// 1 otherwise (draining, not started, unreachable). For container health checks.
+    Health {
+        /// Config file whose admin_listen is probed (only that key is read) [default:
+        /// $SHIFTGATE_CONFIG, else ./config.yaml]
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `shiftgate man > /usr/local/share/man/man1/shiftgate.1`.
+    Man,
     /// Run a stand-in for the Genesys API (for tests and load tests).
     Emulate {
         /// Address to listen on [default: 127.0.0.1:8081]
@@ -50,6 +79,9 @@ enum Command {
     },
     /// Shift-change load against a target, with a report.
     Loadtest(shiftgate::loadtest::LoadtestArgs),
+    /// Measure an org's limits for one endpoint (per token, org-wide), restore every user
+    /// touched, and write a config.
+    Discover(shiftgate::discover::DiscoverArgs),
     /// Start an emulator and a proxy in-process and run the same shift change straight at the
     /// emulator and through the proxy.
     Demo(shiftgate::demo::DemoArgs),
@@ -136,6 +168,34 @@ fn main() -> ExitCode {
                 },
             )
         }
+        Command::Health { config } => match shiftgate::health::check(&config_path(config)) {
+            Ok(addr) => {
+                println!("ready: GET http://{addr}/readyz answered 200");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("not ready: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "shiftgate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shiftgate man: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Emulate { listen, config } => {
             init_logging(LogFormat::Text);
             match runtime().block_on(shiftgate::emulator::run_cli(listen, config)) {
@@ -151,6 +211,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("shiftgate loadtest: {e:#}");
                 ExitCode::from(shiftgate::loadtest::exit_code(&e) as u8)
+            }
+        },
+        Command::Discover(args) => match runtime().block_on(shiftgate::discover::main(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shiftgate discover: {e:#}");
+                ExitCode::from(shiftgate::discover::exit_code(&e) as u8)
             }
         },
         Command::Demo(args) => match shiftgate::demo::run(args) {

@@ -13,7 +13,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every metric of the contract (shared/contract.md) with its exposition type.
+/// Every metric shiftgate registers, with its exposition type: the contract's and the ones this
+/// implementation adds (`shiftgate_max_connections`); `docs/reference.md` documents each.
 pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_requests_total", "counter"),
     ("shiftgate_rejections_total", "counter"),
@@ -41,6 +42,15 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_budget_paused_seconds", "gauge"),
     ("shiftgate_coalesced_requests_total", "counter"),
     ("shiftgate_batch_size", "histogram"),
+    ("shiftgate_max_connections", "gauge"),
+    // The standard process metrics (the contract's `process_*`), from /proc/self on Linux.
+    ("process_cpu_seconds_total", "counter"),
+    ("process_open_fds", "gauge"),
+    ("process_max_fds", "gauge"),
+    ("process_virtual_memory_bytes", "gauge"),
+    ("process_resident_memory_bytes", "gauge"),
+    ("process_start_time_seconds", "gauge"),
+    ("process_threads", "gauge"),
 ];
 
 /// Updates per bulk call: 1 (a batch of one goes alone) to 50 (Genesys's assumed maximum).
@@ -146,6 +156,9 @@ pub struct Metrics {
     pub coalesced_requests_total: IntCounterVec,
     /// `shiftgate_batch_size{route}`: updates per bulk call.
     pub batch_size: HistogramVec,
+    /// `shiftgate_max_connections`: `limits.max_connections` in force, so that an alert can
+    /// compare `shiftgate_connections` with it.
+    pub max_connections: IntGauge,
 }
 
 impl Metrics {
@@ -304,6 +317,22 @@ impl Metrics {
         .expect("valid metric options");
         register(&registry, batch_size.clone());
 
+        let max_connections = IntGauge::with_opts(Opts::new(
+            "shiftgate_max_connections",
+            "limits.max_connections in force: client connections allowed at once, both listeners together.",
+        ))
+        .expect("valid metric options");
+        register(&registry, max_connections.clone());
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_virtual_memory_bytes, process_start_time_seconds,
+        // process_threads: read from /proc/self on each scrape (Linux only; elsewhere the
+        // collector reports nothing).
+        #[cfg(target_os = "linux")]
+        register(
+            &registry,
+            prometheus::process_collector::ProcessCollector::for_self(),
+        );
+
         Metrics {
             registry,
             requests_total,
@@ -329,6 +358,7 @@ impl Metrics {
             budget_paused_seconds,
             coalesced_requests_total,
             batch_size,
+            max_connections,
         }
     }
 

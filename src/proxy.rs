@@ -156,11 +156,9 @@ impl Proxy {
         let headers = &session.req_header().headers;
         let header = |name: &str| headers.get(name).map_or(&[][..], |v| v.as_bytes());
         let client_ip = || {
-            let ip = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            ip.map(|ip| ip.to_string()).unwrap_or_default()
+            client_ip(session, cfg)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default()
         };
         route
             .budgets
@@ -987,13 +985,24 @@ impl ProxyHttp for Proxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
             .to_string();
+        let cfg = ctx.config.clone().unwrap_or_else(|| self.state.config());
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let client = client_ip(session, &cfg);
         let req = session.req_header();
+        // `client`: the address budgets `per: client_ip` use (X-Forwarded-For behind
+        // `trusted_proxies`), `peer`: the socket's; `bytes_in`/`bytes_out`: body bytes read
+        // from and sent to the client; `duration_ms`: arrival to the end of the answer.
         tracing::info!(
             target: "shiftgate::access",
+            client = %client.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+            peer = %peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
             route = %route,
             method = %req.method,
             path = %req.uri.path(),
             status,
+            duration_ms = ctx.arrived.elapsed().as_millis() as u64,
+            bytes_in = session.body_bytes_read() as u64,
+            bytes_out = session.body_bytes_sent() as u64,
             wait_ms = ctx.waited.as_millis() as u64,
             attempts = ctx.attempts,
             upstream_ms = ctx.upstream_time.as_millis() as u64,
@@ -1018,4 +1027,21 @@ impl ProxyHttp for Proxy {
         // Our own answers and clients that left are logged once, on the access line.
         ctx.reason.is_some() || ctx.client_gone
     }
+}
+
+/// The client's address (see [`crate::forwarded::client_ip`]): the socket peer, or behind
+/// `trusted_proxies`, `X-Forwarded-For`'s right-most untrusted hop. `None` for a peer that is not
+/// an IP socket.
+fn client_ip(session: &Session, cfg: &Config) -> Option<std::net::IpAddr> {
+    let peer = session.client_addr()?.as_inet()?.ip();
+    if cfg.trusted_proxies.is_empty() {
+        return Some(peer);
+    }
+    let xff = session
+        .req_header()
+        .headers
+        .get_all("x-forwarded-for")
+        .into_iter()
+        .filter_map(|v| v.to_str().ok());
+    Some(crate::forwarded::client_ip(peer, xff, &cfg.trusted_proxies))
 }

@@ -28,7 +28,9 @@ pub struct RunOptions {
     /// Take the listening sockets over from a running shiftgate (graceful upgrade).
     pub upgrade: bool,
     pub upgrade_sock: PathBuf,
-    pub pid_file: PathBuf,
+    /// Written with this process's PID once it listens (after an upgrade: once it has taken the
+    /// sockets over), for supervisors that track a PID file (systemd's `PIDFile=`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Raises the soft limit on open files to the hard one: every client connection and every
@@ -90,7 +92,6 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         graceful_shutdown_timeout_seconds: Some(1),
         max_retries: MAX_ATTEMPTS_CAP,
         upgrade_sock: opts.upgrade_sock.display().to_string(),
-        pid_file: opts.pid_file.display().to_string(),
         ..ServerConf::default()
     };
     let opt = Opt {
@@ -151,6 +152,15 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             listener: std::sync::Mutex::new(Some(admin)),
         },
     ));
+    let mut listeners = vec![listen];
+    listeners.extend(tls.as_ref().map(|t| t.listen));
+    server.add_service(background_service(
+        "readiness",
+        Readiness {
+            listeners,
+            pid_file: opts.pid_file.clone(),
+        },
+    ));
     server.add_service(background_service(
         "config watcher",
         Watcher {
@@ -209,6 +219,55 @@ impl BackgroundService for AdminService {
         // Not stopped by Pingora's shutdown watch: /readyz must keep answering 503 while the
         // proxy drains; the process exit ends it.
         crate::admin::serve(listener, self.state.clone(), std::future::pending()).await;
+    }
+}
+
+/// Tells supervisors that the proxy serves, once every client listener is listening: writes
+/// `--pid-file`, then sends `READY=1` and `MAINPID=` to systemd (see [`crate::notify`]).
+///
+/// Pingora binds its listeners inside the proxy service's own runtime and says nothing when
+/// they are up, so this polls the kernel's socket table until each address listens. Not by
+/// connecting: an empty connection to the HTTPS listener is a failed handshake that Pingora
+/// logs as an error. During an upgrade the sockets were handed over before any service
+/// started, so they already listen.
+struct Readiness {
+    listeners: Vec<SocketAddr>,
+    pid_file: Option<PathBuf>,
+}
+
+#[async_trait]
+impl BackgroundService for Readiness {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        for &addr in &self.listeners {
+            loop {
+                match crate::notify::listening(addr) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        // No socket table to read (not Linux, /proc not mounted): readiness
+                        // cannot be told, so say ready rather than never.
+                        tracing::warn!("cannot tell whether {addr} listens: {e}");
+                        break;
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            }
+        }
+        let pid = std::process::id();
+        if let Some(path) = &self.pid_file {
+            if let Err(e) = std::fs::write(path, format!("{pid}\n")) {
+                tracing::warn!("cannot write the pid file {}: {e}", path.display());
+            }
+        }
+        let status = format!("serving on {:?}", self.listeners);
+        match crate::notify::notify(&crate::notify::ready_message(pid, &status)) {
+            Ok(true) => tracing::info!("told systemd: ready, main PID {pid}"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot notify systemd ($NOTIFY_SOCKET): {e}"),
+        }
     }
 }
 
@@ -286,6 +345,7 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let kind = tokio::select! {
             _ = term.recv() => {
+                let _ = crate::notify::notify(crate::notify::STOPPING);
                 exit_by(self.state.config().stop_timeout());
                 drain(&self.state).await;
                 ShutdownSignal::GracefulTerminate

@@ -166,6 +166,9 @@ impl State {
         let budgets: Vec<&str> = cfg.budgets.iter().map(|b| b.name.as_str()).collect();
         self.metrics.init_labels(&routes, &budgets);
         self.metrics.queue_max_depth.set(cfg.queue.max_depth as i64);
+        self.metrics
+            .max_connections
+            .set(cfg.limits.max_connections as i64);
         for b in &cfg.budgets {
             self.metrics
                 .budget_configured_rate

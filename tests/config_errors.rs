@@ -67,6 +67,7 @@ fixtures!(
     admin_token_empty,
     admin_token_newline,
     bad_coalesce,
+    bad_trusted_proxies,
 );
 
 #[test]
@@ -235,4 +236,54 @@ fn usage_errors_exit_2_and_version_and_help_work() {
     assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")));
     let h = shiftgate().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&h.stdout).contains("emulate"));
+}
+
+/// `--version` names the commit and the build date; `completions <shell>` and `man` print
+/// what a package installs (a completion script per shell, a roff man page), listing the
+/// subcommands; an unknown shell is a usage error.
+#[test]
+fn version_completions_and_man_page() {
+    let v = shiftgate().arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
+    let rest = v
+        .strip_prefix(&format!("shiftgate {} (commit ", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|| panic!("{v}"));
+    let (commit, date) = rest
+        .strip_suffix(')')
+        .and_then(|r| r.split_once(", built "))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{v}"
+    );
+    let parts: Vec<&str> = date.split('-').collect();
+    assert!(
+        parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok()) && parts[0].len() == 4,
+        "a YYYY-MM-DD build date: {v}"
+    );
+    println!("{v}");
+
+    for (shell, marker) in [
+        ("bash", "complete -F _shiftgate"),
+        ("zsh", "#compdef shiftgate"),
+        ("fish", "complete -c shiftgate"),
+    ] {
+        let out = shiftgate().args(["completions", shell]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {marker}");
+        for sub in ["run", "check", "emulate", "loadtest"] {
+            assert!(script.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let bad = shiftgate().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+
+    let man = shiftgate().arg("man").output().unwrap();
+    assert_eq!(man.status.code(), Some(0));
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains(".TH shiftgate 1"), "{page}");
+    for sub in ["run", "check", "emulate", "completions"] {
+        assert!(page.contains(sub), "the man page lists {sub}");
+    }
 }

@@ -264,6 +264,33 @@ fn configmap_budgets_are_the_shipped_ones_divided_by_the_replicas() {
     }
 }
 
+/// The JavaScript and Go SDKs give up after about 16 s (shared facts; docs/capacity-planning.md,
+/// section 2). A shipped wait or retry window at or past that would answer clients that have
+/// already left: every route's `max_wait` and `retry.max_elapsed` stay under 16 s, with at
+/// least a second left for the upstream's answer, in config.yaml and in the ConfigMap.
+#[test]
+fn shipped_waits_stay_under_the_sdks_16_s_timeouts() {
+    const SDK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(16);
+    const UPSTREAM_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(1);
+    let docs = k8s_documents();
+    let (_, cm) = configmap_config(&docs);
+    for (which, config) in [("config.yaml", shipped_config()), ("the ConfigMap", cm)] {
+        let mut waits: Vec<(String, std::time::Duration)> = config
+            .routes
+            .iter()
+            .map(|r| (format!("routes {} max_wait", r.name), r.max_wait))
+            .collect();
+        waits.push(("retry.max_elapsed".into(), config.retry.max_elapsed));
+        for (what, wait) in waits {
+            println!("{which}: {what} {wait:?}");
+            assert!(
+                wait + UPSTREAM_ALLOWANCE < SDK_TIMEOUT,
+                "{which}: {what} is {wait:?}: with the upstream's answer it reaches the SDKs' {SDK_TIMEOUT:?} timeout"
+            );
+        }
+    }
+}
+
 /// (c) The Deployment mounts the ConfigMap as a directory (no subPath, which is never updated)
 /// where `--config` points, probes /readyz and /healthz on the port the config's admin_listen
 /// uses, serves the config's listen port as `http`, gives SIGTERM more time than the preStop
@@ -574,8 +601,11 @@ fn unit_seconds(value: &str) -> u64 {
     }
 }
 
-/// (d) The unit runs the binary as the contract says, reloads with SIGHUP, stops with SIGTERM and
-/// waits longer than drain_timeout + 5 s of the config it runs before SIGKILL.
+/// (d) The unit runs the binary as the contract says, is ready when shiftgate says so
+/// (`Type=notify`, from any process of the unit: the upgrade's new one), reloads with SIGHUP
+/// only after `shiftgate check` accepts the file, does not restart on an invalid config (exit
+/// 1), stops with SIGTERM and waits longer than drain_timeout + 5 s of the config it runs before
+/// SIGKILL.
 #[test]
 fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
     let unit = unit_entries(&read("deploy/systemd/shiftgate.service"));
@@ -586,17 +616,33 @@ fn systemd_unit_reloads_with_hup_and_waits_out_the_drain() {
         assert_eq!(values.len(), 1, "{key}= appears once");
         &values[0]
     };
-    assert_eq!(one("Type"), "simple");
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(
+        one("NotifyAccess"),
+        "all",
+        "the upgrade's new process sends MAINPID= before it is the main process"
+    );
+    assert_eq!(
+        one("RestartPreventExitStatus"),
+        "1",
+        "exit 1: invalid config"
+    );
     assert_eq!(one("User"), "shiftgate");
     assert_eq!(
         one("ExecStart"),
         "/usr/local/bin/shiftgate run --config /etc/shiftgate/config.yaml \
          --upgrade-sock /run/shiftgate/upgrade.sock --pid-file /run/shiftgate/shiftgate.pid"
     );
-    let reload = one("ExecReload");
+    // ExecReload= lines run in order, and a failing one stops the reload: check, then signal.
+    let reload = &unit["ExecReload"];
+    assert_eq!(reload.len(), 2, "ExecReload: {reload:?}");
+    assert_eq!(
+        reload[0], "/usr/local/bin/shiftgate check --config /etc/shiftgate/config.yaml",
+        "the reload checks the config ExecStart runs first"
+    );
     assert!(
-        reload.contains("kill") && reload.contains("-HUP") && reload.contains("$MAINPID"),
-        "ExecReload sends SIGHUP to the main process: {reload}"
+        reload[1].contains("kill") && reload[1].contains("-HUP") && reload[1].contains("$MAINPID"),
+        "then sends SIGHUP to the main process: {reload:?}"
     );
     assert_eq!(one("KillSignal"), "SIGTERM");
     assert_eq!(one("RuntimeDirectory"), "shiftgate");
@@ -818,4 +864,131 @@ fn dockerfile_runtime_is_non_root_with_ca_certificates() {
     let config = Config::parse_with_env(&image_config, &any_env)
         .unwrap_or_else(|e| panic!("the image's config is rejected:\n{e}"));
     assert_eq!(config.admin_listen, "0.0.0.0:9090".parse().unwrap());
+}
+
+/// Issue 14: the image's binary is stripped and without debug info, the builder image is
+/// pinned to a full Rust version (`rust:1` moves under a rebuild), the dependencies are built in
+/// a layer of their own before the source is copied (a source edit then reuses it), and the
+/// runtime's HEALTHCHECK runs `shiftgate health` (no curl in the image), on the config the
+/// image ships.
+#[test]
+fn dockerfile_strips_pins_its_builder_caches_dependencies_and_checks_health() {
+    let stages = dockerfile_stages();
+    let (builder, runtime) = (&stages[0], stages.last().unwrap());
+
+    let from = builder[0].split_whitespace().nth(1).expect("FROM image");
+    let tag = from
+        .strip_prefix("rust:")
+        .unwrap_or_else(|| panic!("the builder is a rust image: {from}"));
+    let version = tag.split(['-', '@']).next().unwrap();
+    assert!(
+        version.split('.').count() == 3 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
+        "the builder is pinned to a full Rust version (rust:X.Y.Z-...), not {from}"
+    );
+    assert!(
+        tag.contains("bookworm") && runtime[0].contains("bookworm"),
+        "builder and runtime on the same Debian (glibc): {from} / {}",
+        runtime[0]
+    );
+    let rust_version: String = read("Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("Cargo.toml has rust-version")
+        .trim_matches('"')
+        .to_string();
+    let at_least = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
+    assert!(
+        at_least(version) >= at_least(&rust_version),
+        "the builder's Rust {version} is at least rust-version {rust_version}"
+    );
+
+    let env = builder
+        .iter()
+        .filter(|i| i.starts_with("ENV "))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        env.contains("CARGO_PROFILE_RELEASE_STRIP=symbols")
+            && env.contains("CARGO_PROFILE_RELEASE_DEBUG=0"),
+        "the release build is stripped and without debug info: {env}"
+    );
+
+    // The dependency layer: the manifests alone, a build, and only then the whole source.
+    let position = |pred: &dyn Fn(&str) -> bool, what: &str| -> usize {
+        builder
+            .iter()
+            .position(|i| pred(i))
+            .unwrap_or_else(|| panic!("the build stage has {what}"))
+    };
+    let manifests = position(
+        &|i| i.starts_with("COPY Cargo.toml Cargo.lock"),
+        "COPY Cargo.toml Cargo.lock",
+    );
+    let deps = position(
+        &|i| i.starts_with("RUN") && i.contains("cargo build --release --locked"),
+        "a cargo build",
+    );
+    let source = position(&|i| i.starts_with("COPY . ."), "COPY . .");
+    assert!(
+        manifests < deps && deps < source,
+        "dependencies are built before the source is copied"
+    );
+    assert!(
+        builder[deps].contains("target/release/.fingerprint/shiftgate-"),
+        "the stub's own artifacts are removed, so the real source is built"
+    );
+    assert!(
+        builder[source..]
+            .iter()
+            .any(|i| i.starts_with("RUN") && i.contains("cargo build --release --locked")),
+        "the source is built after it is copied"
+    );
+    // Each bench Cargo.toml declares gets a stub: the manifest does not parse without them.
+    assert!(
+        builder[deps].contains("benches/$b.rs") && builder[deps].contains(r"^\[\[bench\]\]"),
+        "a stub per [[bench]] of Cargo.toml"
+    );
+
+    let health = runtime
+        .iter()
+        .find_map(|i| i.strip_prefix("HEALTHCHECK "))
+        .expect("the runtime stage has a HEALTHCHECK");
+    let cmd = health
+        .split_once("CMD ")
+        .map(|(_, c)| c.trim())
+        .expect("HEALTHCHECK ... CMD");
+    let cmd: Vec<String> = serde_json::from_str(cmd).expect("HEALTHCHECK CMD in exec form");
+    assert_eq!(cmd[..2], ["shiftgate", "health"], "{cmd:?}");
+    let image_config = "/etc/shiftgate/config.yaml";
+    assert!(
+        runtime
+            .iter()
+            .any(|i| i == &format!("ENV SHIFTGATE_CONFIG={image_config}")),
+        "`shiftgate health` reads the image's config (SHIFTGATE_CONFIG)"
+    );
+    assert!(
+        runtime
+            .iter()
+            .any(|i| i.starts_with("COPY") && i.ends_with(image_config)),
+        "the image has {image_config}"
+    );
+    let timeout: u64 = health
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("--timeout="))
+        .and_then(|t| t.strip_suffix('s'))
+        .and_then(|t| t.parse().ok())
+        .expect("HEALTHCHECK --timeout=Ns");
+    assert!(
+        Duration::from_secs(timeout) > shiftgate::health::TIMEOUT,
+        "the probe's own timeout ({:?}) fits in HEALTHCHECK's {timeout} s",
+        shiftgate::health::TIMEOUT
+    );
+    assert!(
+        !runtime
+            .iter()
+            .any(|i| i.contains("curl") || i.contains("wget")),
+        "no curl or wget in the image"
+    );
+    println!("builder {from}; HEALTHCHECK {health}");
 }

@@ -1,7 +1,8 @@
 //! deploy/jmeter/shift-change.jmx: JMeter is not installed where the tests run, so the plan is
 //! checked as XML (python3's xml.etree, as the other deploy checks use python3): well-formed, with
 //! the PATCH presence sampler on keep-alive, its JSON body, the extractor of X-Shiftgate-Wait-Ms
-//! under that sampler, the property-driven thread group, defaults and token, and the CSV writer.
+//! under that sampler, the property-driven thread group, defaults and token, a token per agent
+//! (property `tokens`), and the CSV writer.
 
 use std::path::Path;
 use std::process::Command;
@@ -56,6 +57,13 @@ for c in root.iter("ConfigTestElement"):
 for e in root.iter("elementProp"):
     if e.get("elementType") == "Header":
         facts["headers"].append(props(e))
+facts["user_parameters"] = []
+for u in root.iter("UserParameters"):
+    names = [n.text for n in u.find("collectionProp[@name='UserParameters.names']")]
+    values = [v.text for col in u.find("collectionProp[@name='UserParameters.thread_values']")
+              for v in col]
+    facts["user_parameters"].append({"names": names, "values": values,
+                                     "enabled": u.get("enabled", "true")})
 for r in root.iter("ResultCollector"):
     facts["writers"].append({"guiclass": r.get("guiclass"), **props(r)})
 facts["properties"] = sorted({a.findtext("stringProp[@name='Argument.value']")
@@ -143,20 +151,48 @@ fn the_jmeter_plan_is_well_formed_and_patches_presence_through_the_proxy() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for wanted in ["${__P(host,", "${__P(port,", "${__P(token,"] {
+    for wanted in [
+        "${__P(host,",
+        "${__P(port,",
+        "${__P(token,",
+        "${__P(tokens,0)}",
+    ] {
         assert!(
             properties.iter().any(|p| p.starts_with(wanted)),
             "no {wanted}...) among {properties:?}"
         );
     }
 
-    // The token goes in the Authorization header.
+    // Each agent's own token goes in the Authorization header: one token shared by every thread
+    // is one token's 300/min (5/s) for the whole shift change, so the default (tokens 0) gives
+    // each thread its own, made from `token` and the thread number, in an element of its own
+    // (enabled, and apart from the userId one that "Real user ids" replaces).
     let headers = facts["headers"].as_array().unwrap();
     assert!(
         headers
             .iter()
-            .any(|h| h["Header.name"] == "Authorization" && h["Header.value"] == "Bearer ${token}"),
+            .any(|h| h["Header.name"] == "Authorization"
+                && h["Header.value"] == "Bearer ${agentToken}"),
         "{headers:#?}"
+    );
+    let params = facts["user_parameters"].as_array().unwrap();
+    let agent_token = params
+        .iter()
+        .find(|u| u["names"] == serde_json::json!(["agentToken"]))
+        .unwrap_or_else(|| panic!("no UserParameters setting agentToken alone: {params:#?}"));
+    assert_eq!(agent_token["enabled"], "true");
+    let expr = agent_token["values"][0].as_str().unwrap();
+    for part in [
+        "vars.get('tokens')",
+        "vars.get('token')",
+        "ctx.getThreadNum()",
+        "i % n",
+    ] {
+        assert!(expr.contains(part), "agentToken {expr:?} lacks {part}");
+    }
+    assert!(
+        !expr.contains(','),
+        "a bare comma ends a JMeter function argument: {expr:?}"
     );
 
     // Results go to a CSV through a Simple Data Writer.

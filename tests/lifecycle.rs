@@ -9,6 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -621,6 +622,8 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let waiting = status_json(&proxy).await["queue_depth"].as_u64().unwrap();
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(0), "shiftgate health while serving: {out}");
 
     proxy.signal("TERM");
     let signalled = t0.elapsed();
@@ -647,6 +650,10 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         || async move { get(admin, "/readyz").await.is_ok_and(|a| a.status == 503) },
     )
     .await;
+    // The container health check says "not ready" while it drains.
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(1), "shiftgate health while draining: {out}");
+    assert!(out.contains("answered 503"), "{out}");
     for i in 0..3 {
         let t = Instant::now();
         let a = patch(proxy.addr(), 1000 + i).await.expect("an answer");
@@ -719,6 +726,9 @@ async fn sigterm_drains_the_queue_for_drain_timeout_then_answers_503_and_exits()
         "{ok_after_signal} answered 200 during the drain"
     );
     assert_eq!(code, Some(0), "exited cleanly; log:\n{}", proxy.logs());
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(1), "shiftgate health once it has exited: {out}");
+    assert!(out.contains("not ready"), "{out}");
     assert!(
         exited - last_answer < Duration::from_secs(2),
         "exit {:?} after the last answer",
@@ -937,4 +947,132 @@ async fn sigterm_exits_within_drain_plus_upstream_timeout_even_with_an_answer_in
         took >= drain + upstream_timeout,
         "the answer in flight had its time: {took:?}"
     );
+}
+
+/// `shiftgate health --config PATH`: its exit code and what it printed (stdout and stderr).
+fn health(config: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
+        .arg("health")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("shiftgate health runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// One datagram from a fake `$NOTIFY_SOCKET`, as text.
+fn notification(sock: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a notification within the socket's read timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// systemd's `Type=notify`, with a fake `$NOTIFY_SOCKET`: the proxy sends `READY=1` and
+/// `MAINPID=<its pid>` once its port accepts connections, and has written `--pid-file` by then;
+/// `shiftgate health` exits 0. After a graceful upgrade the new process sends `READY=1` with
+/// `MAINPID=<the new pid>` (how systemd follows the upgrade) and rewrites the pid file. SIGTERM
+/// sends `STOPPING=1`; once the process is gone, `shiftgate health` exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_socket_hears_ready_once_listening_and_mainpid_after_an_upgrade() {
+    use shiftgate::harness::{ProxyChild, ProxyOptions};
+    use std::os::unix::net::UnixDatagram;
+
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut options = ProxyOptions::new(env!("CARGO_BIN_EXE_shiftgate"));
+    options.env = vec![("NOTIFY_SOCKET".to_string(), sock_path.display().to_string())];
+    let upstream = emu.local_addr();
+    let config = presence("100/s");
+    // The first message is awaited before the proxy is known to listen: at the moment it
+    // arrives, the port must accept a connection.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first_sock = sock.try_clone().unwrap();
+    let mut proxy = ProxyChild::start(options, move |listen, admin| {
+        std::thread::spawn(move || {
+            let message = notification(&first_sock);
+            let accepts = std::net::TcpStream::connect(listen).is_ok();
+            let _ = tx.send((message, accepts));
+        });
+        Ok(config.render(listen, admin, upstream))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let (ready, accepts) = rx.recv_timeout(Duration::from_secs(20)).expect("READY=1");
+    let pid_file = proxy.config_path().with_file_name("shiftgate.pid");
+    let old_pid = proxy.pid();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready.lines().any(|l| l == format!("MAINPID={old_pid}")),
+        "{ready:?}"
+    );
+    assert!(
+        accepts,
+        "the proxy port accepts connections once READY=1 is sent"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        old_pid.to_string()
+    );
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(0), "shiftgate health while serving: {out}");
+
+    // The upgrade: the new process waits on the upgrade socket, SIGQUIT hands the sockets over.
+    let new = proxy.spawn(true).unwrap();
+    let new_pid = new.id();
+    wait_until(
+        "the new process waits on the upgrade socket",
+        Duration::from_secs(20),
+        || proxy.upgrade_sock().exists(),
+    )
+    .await;
+    proxy.signal("QUIT").unwrap();
+    let old = proxy.replace_child(new).expect("old process");
+    let mut old = OldProcess(Some(old));
+    let handover = tokio::task::block_in_place(|| notification(&sock));
+    println!("FIGURES notify: at start {ready:?}; after the upgrade {handover:?}");
+    assert!(handover.lines().any(|l| l == "READY=1"), "{handover:?}");
+    assert!(
+        handover.lines().any(|l| l == format!("MAINPID={new_pid}")),
+        "the new process names itself the main one: {handover:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        new_pid.to_string()
+    );
+
+    proxy.signal("TERM").unwrap();
+    let stopping = tokio::task::block_in_place(|| notification(&sock));
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    let code = tokio::task::block_in_place(|| proxy.wait_exit(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "log:\n{}", proxy.logs());
+    // The old process holds the admin port too until it has finished (SO_REUSEPORT).
+    let old_exit = tokio::task::block_in_place(|| {
+        let child = old.0.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    });
+    assert!(
+        old_exit.is_some(),
+        "the old process exits after the handover"
+    );
+    let (code, out) = health(proxy.config_path());
+    assert_eq!(code, Some(1), "shiftgate health with no proxy: {out}");
+    assert!(out.contains("not ready"), "{out}");
 }

@@ -26,10 +26,19 @@ use shiftgate::metrics::{CONTRACT_METRICS, REJECTION_REASONS};
 
 /// Metrics exported only with `cluster` configured (a 0 there would page ops for a store nobody
 /// runs, see `Metrics::cluster_redis_up`); this test configures no `cluster`, so they are absent. For
-/// expressions on them the test stands in a series with the labels the real one would have after
-/// a scrape (`job`, `instance`), so an empty answer still means a broken expression.
-const ABSENT_WITHOUT_CLUSTER: &[(&str, &str)] =
-    &[("shiftgate_cluster_redis_up", r#"up{job="shiftgate"}"#)];
+/// expressions on them the test stands in `up` (with the labels the real series would have after
+/// a scrape: `job`, `instance`), so an empty answer still means a broken expression.
+const ABSENT_WITHOUT_CLUSTER: &[(&str, &str)] = &[("shiftgate_cluster_redis_up", "up")];
+
+/// The standard process metrics the dashboard draws. Where the binary does not register a process
+/// collector (a build without it), panels on them are evaluated with `up` stood in, like
+/// [`ABSENT_WITHOUT_CLUSTER`]; with one, the real series must answer.
+const PROCESS_METRICS: &[&str] = &[
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+];
 
 /// Routes of [`config`], in order; `none` is the label of requests that matched no route.
 const ROUTES: &[&str] = &["oauth", "presence", "default"];
@@ -361,6 +370,7 @@ async fn a_live_scrape_after_upstream_429s_passes_promtool_with_bounded_labels_a
     // The queue's bound in force (the default), and the pauses: each 429 paused presence for
     // its Retry-After of 1 s at most, so what is left of a pause is between 0 and 1 s.
     assert_eq!(sum(&samples, "shiftgate_queue_max_depth", &[]), 10_000.0);
+    assert_eq!(sum(&samples, "shiftgate_max_connections", &[]), 20_000.0);
     for budget in BUDGETS {
         let paused = sum(
             &samples,
@@ -562,20 +572,39 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_on_a_loaded_p
     }
 
     let mut failures = Vec::new();
+    let registers_process = shiftgate::metrics::Metrics::new()
+        .registry
+        .gather()
+        .iter()
+        .any(|f| f.name().starts_with("process_"));
     let stand_in = |expr: &str| -> Option<String> {
-        ABSENT_WITHOUT_CLUSTER
+        let mut names: Vec<(&str, &str)> = ABSENT_WITHOUT_CLUSTER.to_vec();
+        if !registers_process {
+            names.extend(PROCESS_METRICS.iter().map(|n| (*n, "up")));
+        }
+        let replaced = names
             .iter()
-            .find(|(name, _)| expr.contains(name))
-            .map(|(name, with)| expr.replace(name, with))
+            .fold(expr.to_string(), |e, (name, with)| e.replace(name, with));
+        (replaced != expr).then_some(replaced)
     };
 
     // Every dashboard expression returns at least one series.
     println!("dashboard expressions at {at:.3}:");
     for line in script_lines("deploy/grafana/check_dashboard.py") {
-        let (panel, expr) = (
-            line["panel"].as_str().unwrap(),
-            line["expr"].as_str().unwrap(),
-        );
+        let expr = line["expr"].as_str().unwrap();
+        // An annotation marks events (a new version, a reload): it evaluates, and may rightly
+        // find none at this instant.
+        if let Some(annotation) = line["annotation"].as_str() {
+            match prom.query(expr, at).await {
+                Ok(s) => println!(
+                    "  ok ({} series) annotation {annotation:?}: {expr}",
+                    s.len()
+                ),
+                Err(e) => failures.push(format!("annotation {annotation:?}: {expr}: {e}")),
+            }
+            continue;
+        }
+        let panel = line["panel"].as_str().unwrap();
         let result = prom.query(expr, at).await;
         let what = format!("panel {panel:?}: {expr}");
         match (result, stand_in(expr)) {
@@ -595,8 +624,20 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression_on_a_loaded_p
             line["alert"].as_str().unwrap(),
             line["expr"].as_str().unwrap(),
         );
-        if let Err(e) = prom.query(expr, at).await {
+        let result = prom.query(expr, at).await;
+        if let Err(e) = &result {
             failures.push(format!("alert {alert}: {expr}: {e}"));
+        }
+        // `absent(...)` has no threshold: with the proxy scraped it must return nothing.
+        if expr.trim_start().starts_with("absent(") {
+            match result {
+                Ok(s) if s.is_empty() => println!("  ok (absent) alert {alert}: {expr}"),
+                Ok(s) => failures.push(format!(
+                    "alert {alert}: {expr} fires on a live proxy: {s:?}"
+                )),
+                Err(_) => {}
+            }
+            continue;
         }
         let Some((lhs, op, rhs)) = split_comparison(expr) else {
             failures.push(format!("alert {alert}: no top-level comparison in {expr}"));
@@ -1035,4 +1076,54 @@ async fn an_untouched_budget_reads_exactly_its_configured_rate() {
         "untouched budgets read as backing off:\n{}",
         wrong.join("\n")
     );
+}
+
+/// The standard process metrics describe the proxy's own process: resident memory, open file
+/// descriptors (within the limit, and about what /proc says), threads, CPU time and start time,
+/// on the proxy's registry (the scrape of `/metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_metrics_describe_the_proxy_process() {
+    let emu = emulator("token_rate_per_minute: 0\n").await;
+    let proxy = ProxyProcess::start(&config("100/s", "10s"), emu.local_addr()).await;
+    let text = proxy.metrics().await;
+    promtool_check_metrics(&text);
+    let (types, _) = parse_exposition(&text);
+    let value = |name: &str| -> f64 {
+        metric_value(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "process_threads",
+    ] {
+        assert!(types.contains_key(name), "{name} in the scrape");
+    }
+    let rss = value("process_resident_memory_bytes");
+    let fds = value("process_open_fds");
+    let max_fds = value("process_max_fds");
+    let threads = value("process_threads");
+    let started = value("process_start_time_seconds");
+    let fds_in_proc = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+        .unwrap()
+        .count() as f64;
+    println!(
+        "FIGURES process: rss {:.1} MiB, open fds {fds} (/proc: {fds_in_proc}) of {max_fds}, \
+         threads {threads}, cpu {} s, started {:.0} s ago",
+        rss / 1048576.0,
+        value("process_cpu_seconds_total"),
+        unix_now() - started
+    );
+    assert!(rss > 1_000_000.0, "resident memory {rss}");
+    assert!(fds > 5.0 && fds <= max_fds, "open fds {fds} of {max_fds}");
+    assert!(
+        (fds - fds_in_proc).abs() <= 5.0,
+        "open fds {fds}, /proc says {fds_in_proc}: the proxy's process, not another"
+    );
+    assert!(threads >= 2.0, "threads {threads}");
+    let age = unix_now() - started;
+    assert!((0.0..120.0).contains(&age), "started {age} s ago");
 }

@@ -3,6 +3,9 @@
 //! (so `//api/...` is charged to the route of `/api/...`), a path that climbs above the root is
 //! refused, every spelling of one bearer token is one `per: token` bucket, and a client that
 //! sends `Expect: 100-continue` hears `100 Continue` once admitted, or its final answer at once.
+//! Trace context (`traceparent`, `tracestate`) reaches the upstream untouched; behind
+//! `trusted_proxies` a `per: client_ip` budget keys on `X-Forwarded-For`'s right-most untrusted
+//! hop, and the access line names that client, the duration and the bytes in and out.
 
 mod common;
 
@@ -42,6 +45,8 @@ struct Seen {
     method: String,
     target: String,
     authorization: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
 }
 
 /// An upstream that answers every request `200 {}` and records it.
@@ -80,6 +85,12 @@ impl Recorder {
                                 method: req.method().to_string(),
                                 target: req.uri().to_string(),
                                 authorization: header(http::header::AUTHORIZATION),
+                                traceparent: header(http::header::HeaderName::from_static(
+                                    "traceparent",
+                                )),
+                                tracestate: header(http::header::HeaderName::from_static(
+                                    "tracestate",
+                                )),
                             };
                             let _ = req.into_body().collect().await;
                             record.lock().unwrap().push(seen);
@@ -332,4 +343,148 @@ async fn expect_100_continue_hears_continue_once_admitted_or_its_final_answer_at
     let (_s, answer) = expect_continue(proxy.addr(), "POST /api/v2/tight/y HTTP/1.1", "{}").await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
     assert!(answer.contains("Retry-After:"), "{answer:?}");
+}
+
+/// W3C trace context passes through as the client sent it: `traceparent` and `tracestate`
+/// reach the upstream byte for byte, on a paced route and an unpaced one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_reaches_the_upstream_untouched() {
+    let upstream = Recorder::start().await;
+    let proxy = ProxyProcess::start(&config(), upstream.addr).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+    for (method, path) in [
+        (Method::PATCH, "/api/v2/users/u1/presences/purecloud"),
+        (Method::GET, "/api/v2/users/me"),
+    ] {
+        let a = request(
+            proxy.addr(),
+            method,
+            path,
+            &[
+                ("traceparent", traceparent),
+                ("tracestate", tracestate),
+                ("Content-Type", "application/json"),
+            ],
+            Bytes::from_static(PRESENCE.as_bytes()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, 200, "{path}");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for s in seen {
+        assert_eq!(s.traceparent.as_deref(), Some(traceparent), "{s:?}");
+        assert_eq!(s.tracestate.as_deref(), Some(tracestate), "{s:?}");
+    }
+}
+
+/// The access line's `client=` field, for each request to `path`.
+fn access_clients(logs: &str, path: &str) -> Vec<String> {
+    logs.lines()
+        .filter(|l| l.contains("shiftgate::access") && l.contains(&format!("path={path}")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("client="))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// `per: client_ip` behind an ingress. Without `trusted_proxies` every request from the
+/// ingress (here 127.0.0.1) is one client, whatever `X-Forwarded-For` says. With
+/// `trusted_proxies: ["127.0.0.0/8"]` the client is the header's right-most untrusted hop: two
+/// clients go at once, the same client waits for its next slot (1/s), and an address a client
+/// prepends to its own header changes nothing. The access line names the client, the socket
+/// peer, the duration and the body bytes in and out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_client_ip_behind_trusted_proxies_keys_on_the_forwarded_client() {
+    let upstream = Recorder::start().await;
+    let base = ProxyConfig::new()
+        .budget("per-client", r#"{ rate: "1/s", per: client_ip }"#)
+        .route(r#"{ name: paced, match: { path: "/api/**" }, budgets: [per-client] }"#);
+    let put = |addr: SocketAddr, xff: &'static str| async move {
+        let a = request(
+            addr,
+            Method::PUT,
+            "/api/v2/x",
+            &[
+                ("X-Forwarded-For", xff),
+                ("Content-Type", "application/json"),
+            ],
+            Bytes::from_static(b"{\"a\":1}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, 200);
+        wait_ms(&a)
+    };
+
+    // No trusted proxies: one bucket for everything that comes through 127.0.0.1.
+    let proxy = ProxyProcess::start(&base, upstream.addr).await;
+    assert!(put(proxy.addr(), "203.0.113.7").await < 300);
+    let other = put(proxy.addr(), "203.0.113.8").await;
+    assert!(
+        (700..=1500).contains(&other),
+        "without trusted_proxies the header is ignored: the second client waited {other} ms"
+    );
+    drop(proxy);
+
+    let trusted = base
+        .clone()
+        .yaml(r#"trusted_proxies: ["127.0.0.0/8", "10.0.0.0/8"]"#);
+    let proxy = ProxyProcess::start_with(
+        &trusted,
+        upstream.addr,
+        &[("RUST_LOG", "warn,shiftgate::access=info")],
+    )
+    .await;
+    let addr = proxy.addr();
+    assert!(put(addr, "203.0.113.7").await < 300, "first client at once");
+    // A second client goes at once; the first one again (its ingress hop 10.0.0.5 appended
+    // after it, and a forged address before it) waits for its own next slot.
+    let (second, again) = tokio::join!(
+        put(addr, "203.0.113.8"),
+        put(addr, "198.51.100.1, 203.0.113.7, 10.0.0.5")
+    );
+    assert!(second < 300, "another client waited {second} ms");
+    assert!(
+        (700..=1500).contains(&again),
+        "the same client, whatever it prepends, waited {again} ms"
+    );
+
+    let logs = poll_logs(&proxy, 3).await;
+    let mut clients = access_clients(&logs, "/api/v2/x");
+    clients.sort();
+    assert_eq!(clients, ["203.0.113.7", "203.0.113.7", "203.0.113.8"]);
+    let line = logs
+        .lines()
+        .find(|l| l.contains("shiftgate::access") && l.contains("path=/api/v2/x"))
+        .unwrap();
+    for field in [
+        "peer=127.0.0.1:",
+        "duration_ms=",
+        "bytes_in=7 ",
+        "bytes_out=2 ",
+    ] {
+        assert!(line.contains(field), "{field} in the access line: {line}");
+    }
+    println!("access line: {line}");
+}
+
+/// The proxy's log once it holds at least `n` access lines (they are written after the answer).
+async fn poll_logs(proxy: &ProxyProcess, n: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let logs = proxy.logs();
+        let lines = logs
+            .lines()
+            .filter(|l| l.contains("shiftgate::access"))
+            .count();
+        if lines >= n || std::time::Instant::now() > deadline {
+            return logs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -3,14 +3,17 @@
 
 Usage: python3 check_dashboard.py [DASHBOARD_JSON]   (default: shiftgate.json next to this file)
 
-Output: one JSON object per line, {"panel": <title>, "expr": <expr>}, with Grafana's variables
-replaced the way an all-selected dashboard would send them: $route and $budget -> .* (they are
-used as regex matchers, route=~"$route"), $__rate_interval -> 1m, $__range -> 5m. A variable
-the script does not know is an error, so an end-to-end test cannot silently query a literal
-"$something".
+Output: one JSON object per line, {"panel": <title>, "expr": <expr>} for each panel query and
+{"annotation": <name>, "expr": <expr>} for each annotation query, with Grafana's variables
+replaced the way an all-selected dashboard would send them: $job -> shiftgate, $namespace,
+$instance, $route and $budget -> .* (they are used as regex matchers, route=~"$route"; .* also
+matches a missing label, so no namespace outside Kubernetes is fine), $__rate_interval -> 1m,
+$__range -> 5m. A variable the script does not know is an error, so an end-to-end test cannot
+silently query a literal "$something".
 
-It also checks what an importer relies on (uid, the datasource variable, a description on each
-panel, every query on ${datasource}); problems go to stderr and the exit status is 1.
+It also checks what an importer relies on (uid, the datasource variable, the job, namespace and
+instance variables, a description on each panel, every query on ${datasource} and scoped to
+$job, $namespace and $instance); problems go to stderr and the exit status is 1.
 Standard library only.
 """
 
@@ -20,6 +23,9 @@ import re
 import sys
 
 SUBSTITUTIONS = {
+    "job": "shiftgate",
+    "namespace": ".*",
+    "instance": ".*",
     "route": ".*",
     "budget": ".*",
     "__rate_interval": "1m",
@@ -32,6 +38,16 @@ SUBSTITUTIONS = {
 VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+# Every metric selector of a query carries these, so the job, namespace and replica pickers
+# apply to every panel (process_* series of other jobs included).
+SCOPE = 'job="$job",namespace=~"$namespace",instance=~"$instance"'
+METRIC = re.compile(r"\b((?:shiftgate|process)_[a-zA-Z0-9_]+)(\{[^}]*\})?")
+
+
+def unscoped(expr):
+    """Metric selectors of expr that lack SCOPE."""
+    return [m.group(0) for m in METRIC.finditer(expr) if SCOPE not in (m.group(2) or "")]
 
 
 def substitute(expr, problems, where):
@@ -64,10 +80,14 @@ def main(argv):
     ds = variables.get("datasource", {})
     if ds.get("type") != "datasource" or ds.get("query") != "prometheus":
         problems.append("no template variable 'datasource' of type datasource/prometheus")
-    for name in ("route", "budget"):
+    for name in ("namespace", "instance", "route", "budget"):
         v = variables.get(name, {})
-        if not (v.get("multi") and v.get("includeAll") and "label_values(" in str(v.get("definition", ""))):
-            problems.append(f"variable {name!r} must be a multi-select label_values(...) query with All")
+        if not (v.get("multi") and v.get("includeAll") and v.get("allValue") == ".*"
+                and "label_values(" in str(v.get("definition", ""))):
+            problems.append(f"variable {name!r} must be a multi-select label_values(...) query with All (.*)")
+    job = variables.get("job", {})
+    if "label_values(" not in str(job.get("definition", "")) or job.get("multi"):
+        problems.append("variable 'job' must be a single-select label_values(...) query")
 
     count = 0
     for panel in all_panels(dashboard.get("panels", [])):
@@ -88,8 +108,25 @@ def main(argv):
             if not expr.strip():
                 problems.append(f"panel {title!r} query {t.get('refId')} has no expr")
                 continue
+            for sel in unscoped(expr):
+                problems.append(f"panel {title!r} query {t.get('refId')}: {sel} lacks {SCOPE}")
             print(json.dumps({"panel": title, "expr": substitute(expr, problems, f"panel {title!r}")}))
             count += 1
+
+    for a in dashboard.get("annotations", {}).get("list", []):
+        if a.get("builtIn"):
+            continue
+        name = a.get("name", "")
+        expr = a.get("expr", "")
+        if a.get("datasource") != DATASOURCE:
+            problems.append(f"annotation {name!r} does not use ${{datasource}}")
+        if not expr.strip():
+            problems.append(f"annotation {name!r} has no expr")
+            continue
+        for sel in unscoped(expr):
+            problems.append(f"annotation {name!r}: {sel} lacks {SCOPE}")
+        print(json.dumps({"annotation": name, "expr": substitute(expr, problems, f"annotation {name!r}")}))
+        count += 1
 
     sys.stdout.flush()
     for p in problems:

@@ -19,9 +19,12 @@
 # (ProtectSystem=, ProtectHome=, PrivateTmp=, ReadWritePaths=), with the old process's
 # environment (EnvironmentFile=: SHIFTGATE_ADMIN_TOKEN), the unit's open-files limit
 # (LimitNOFILE=; this shell's would be 1,024), no capabilities, no new privileges, and
-# its output in the journal of the unit. Its PID goes into the unit's PIDFile= before the old
-# process is told to go: systemd re-reads PIDFile= when the main process exits and adopts the
-# new process, so `systemctl status|reload|stop` keep working. Not carried over until the next
+# its output in the journal of the unit. Once it has taken the sockets over it tells systemd
+# READY=1 and MAINPID=<its pid> through $NOTIFY_SOCKET (carried over with the environment; the
+# unit's NotifyAccess=all accepts it), and systemd makes it the main process at once. As a
+# fallback its PID also goes into the unit's PIDFile= before the old process is told to go:
+# systemd re-reads PIDFile= when the main process exits. Either way `systemctl
+# status|reload|stop` keep working. Not carried over until the next
 # `systemctl restart`: the seccomp and namespace filters (SystemCallFilter=,
 # RestrictAddressFamilies=, RestrictNamespaces=, MemoryDenyWriteExecute=...).
 #
@@ -52,8 +55,8 @@ SETPRIV=$(command -v setpriv) || die "setpriv (util-linux) not found"
 SETSID=$(command -v setsid) || die "setsid (util-linux) not found"
 SYSTEMD_CAT=$(command -v systemd-cat) || die "systemd-cat not found"
 
-# 1. The old process and the unit's control group, from systemd (shiftgate does not daemonize
-#    and writes no PID file of its own: the unit's ExecStartPost= writes PIDFile=).
+# 1. The old process and the unit's control group, from systemd (its MainPID, which the
+#    process itself announced with MAINPID=).
 old=$(systemctl show -p MainPID --value "$UNIT")
 # shellcheck disable=SC2015 # die when either test fails
 [ "${old:-0}" -gt 0 ] && alive "$old" || die "$UNIT is not running: use systemctl start"
@@ -71,7 +74,8 @@ case $nofile in
 esac
 
 # 2. The environment systemd gave the old process, one VAR=value per argument of `env -i`
-#    (values spanning several lines are not supported). JOURNAL_STREAM is left out: it
+#    (values spanning several lines are not supported); NOTIFY_SOCKET among it, so the new
+#    process can tell systemd it is ready and the main one. JOURNAL_STREAM is left out: it
 #    described the old process's stderr; systemd-cat sets up a new one.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -127,7 +131,8 @@ while :; do
     sleep 1
 done
 
-# 6. Tell systemd which process comes next, then hand the sockets over.
+# 6. Tell systemd which process comes next (the fallback: the new process also says so itself,
+#    MAINPID=, once it has the sockets), then hand the sockets over.
 printf '%s\n' "$new" >"$PIDFILE"
 kill -QUIT "$old"
 say "new process $new is taking over; old process $old finishes what it holds"

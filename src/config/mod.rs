@@ -61,6 +61,9 @@ impl fmt::Display for ConfigErrors {
 // ---------------------------------------------------------------------------------------------
 // The validated runtime type.
 
+/// `admin_listen` when the config names none.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 /// A validated configuration. Built only by [`Config::parse`]; every reference is resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -82,6 +85,12 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Reload when the config file changes (SIGHUP and `POST /-/reload` always work).
     pub watch_file: bool,
+    /// `trusted_proxies`: networks of the proxies in front of shiftgate (an ingress, a load
+    /// balancer). A request whose socket peer is in one of them comes from `X-Forwarded-For`'s
+    /// right-most address outside them (see [`crate::forwarded::client_ip`]), for `per:
+    /// client_ip` and the access line. Empty (the default): the socket peer, and
+    /// `X-Forwarded-For` is never read.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// The admin token, read when the config is loaded from the variable `admin_token_env` names.

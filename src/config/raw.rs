@@ -79,6 +79,7 @@ fn format_path(path: &serde_ignored::Path) -> YamlPath {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawConfig {
     pub listen: String,
     #[serde(default)]
@@ -107,14 +108,18 @@ pub(super) struct RawConfig {
     pub cluster: Option<RawCluster>,
     #[serde(default)]
     pub reload: RawReload,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawReload {
     pub watch_file: Option<bool>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawTls {
     pub listen: String,
     pub cert: String,
@@ -122,11 +127,13 @@ pub(super) struct RawTls {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawUpstream {
     pub url: String,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawBudget {
     pub rate: String,
     #[serde(default)]
@@ -140,6 +147,7 @@ pub(super) struct RawBudget {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawRoute {
     pub name: String,
     #[serde(rename = "match")]
@@ -159,6 +167,7 @@ pub(super) struct RawRoute {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawCoalesce {
     pub into: String,
     #[serde(default)]
@@ -168,6 +177,7 @@ pub(super) struct RawCoalesce {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawMatch {
     #[serde(default)]
     pub method: Option<String>,
@@ -175,6 +185,7 @@ pub(super) struct RawMatch {
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawQueue {
     pub max_wait: Option<String>,
     pub max_depth: Option<i64>,
@@ -182,6 +193,7 @@ pub(super) struct RawQueue {
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawRetry {
     pub max_attempts: Option<i64>,
     pub max_elapsed: Option<String>,
@@ -191,6 +203,7 @@ pub(super) struct RawRetry {
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawLimits {
     pub max_body_bytes: Option<i64>,
     pub connect_timeout: Option<String>,
@@ -201,20 +214,86 @@ pub(super) struct RawLimits {
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawLog {
     pub format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawShutdown {
     pub drain_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub(super) struct RawCluster {
     pub redis_url: String,
     #[serde(default)]
     pub key_prefix: Option<String>,
     #[serde(default)]
     pub fallback_replicas: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key the raw types accept, filled in so that each appears once: optional sections
+    /// present, one entry in each map (named `<name>`) and list (`[]` in the path).
+    const EVERY_SECTION: &str = r#"
+listen: "0.0.0.0:8080"
+tls: { listen: "0.0.0.0:8443", cert: c.pem, key: k.pem }
+upstreams: { "<name>": { url: "https://api.mypurecloud.com" } }
+budgets: { "<name>": { rate: "1/s" } }
+routes: [{ name: r, match: { path: "/**" }, coalesce: { into: b } }]
+cluster: { redis_url: "redis://127.0.0.1/0" }
+"#;
+
+    /// The dotted path of every leaf under `value` (`budgets.<name>.rate`, `routes[].match.path`).
+    fn leaves(prefix: &str, value: &serde_yaml::Value, out: &mut Vec<String>) {
+        match value {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, v) in m {
+                    let k = k.as_str().expect("string keys");
+                    let path = if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(&path, v, out);
+                }
+            }
+            serde_yaml::Value::Sequence(s) if s.iter().any(|v| v.is_mapping()) => {
+                for v in s {
+                    leaves(&format!("{prefix}[]"), v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+
+    /// The keys come from the types (serializing a parsed config writes every field, `None`
+    /// as null), not from a list kept by hand: a key added to a raw struct fails this test until
+    /// docs/reference.md documents it.
+    #[test]
+    fn every_accepted_config_key_is_in_the_reference() {
+        let (raw, unknown) = parse(EVERY_SECTION, &LineIndex::build(EVERY_SECTION))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let mut keys = Vec::new();
+        leaves("", &serde_yaml::to_value(&raw).unwrap(), &mut keys);
+        assert!(keys.len() > 40, "too few keys found: {keys:?}");
+        let reference =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference.md"))
+                .unwrap();
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|k| !reference.contains(&format!("| `{k}` |")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "config keys not documented in docs/reference.md (a table row \"| `key` |\"): {missing:?}"
+        );
+    }
 }

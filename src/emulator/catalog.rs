@@ -74,17 +74,20 @@ pub(crate) fn definitions_listing() -> Value {
 
 /// `GET /api/v2/organizations/limits/namespaces`: a page of namespaces, the API one carrying
 /// the values this emulator enforces.
+/// A token limit that is off (0) is not listed.
 pub(crate) fn limits_namespaces(token_rate_per_minute: u32, max_body_bytes: usize) -> Value {
+    let mut api_limits = Vec::new();
+    if token_rate_per_minute > 0 {
+        api_limits.push(json!({ "key": "token.rate.per.minute", "value": token_rate_per_minute }));
+        api_limits.push(json!({ "key": "client.credentials.token.rate.per.minute", "value": token_rate_per_minute }));
+    }
+    api_limits.push(json!({ "key": "org.user.rate.per.minute", "value": 3000 }));
+    api_limits.push(json!({ "key": "request.bytes.max", "value": max_body_bytes }));
     json!({
         "entities": [
             {
-                "name": "platform.api",
-                "limits": [
-                    { "key": "token.rate.per.minute", "value": token_rate_per_minute },
-                    { "key": "client.credentials.token.rate.per.minute", "value": token_rate_per_minute },
-                    { "key": "org.user.rate.per.minute", "value": 3000 },
-                    { "key": "request.bytes.max", "value": max_body_bytes },
-                ],
+                "name": API_NAMESPACE,
+                "limits": api_limits,
             },
             { "name": "authorization" },
             { "name": "presence" },
@@ -95,6 +98,36 @@ pub(crate) fn limits_namespaces(token_rate_per_minute: u32, max_body_bytes: usiz
         "total": 4,
         "pageCount": 1,
     })
+}
+
+/// The namespace of the API-wide limits.
+pub(crate) const API_NAMESPACE: &str = "platform.api";
+
+/// `GET /api/v2/organizations/limits/namespaces/{name}`: that namespace's limits as a page of
+/// `{key, namespace, value}`, taken from the listing; `None` for a namespace it does not name.
+pub(crate) fn namespace_limits(name: &str, listing: &[u8]) -> Option<Value> {
+    let listing: Value = serde_json::from_slice(listing).ok()?;
+    let namespace = listing["entities"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?;
+    let entities: Vec<Value> = namespace["limits"]
+        .as_array()
+        .map(|limits| {
+            limits
+                .iter()
+                .map(|l| json!({ "key": l["key"], "namespace": name, "value": l["value"] }))
+                .collect()
+        })
+        .unwrap_or_default();
+    let total = entities.len();
+    Some(json!({
+        "entities": entities,
+        "pageSize": 25,
+        "pageNumber": 1,
+        "total": total,
+        "pageCount": 1,
+    }))
 }
 
 /// The routing statuses Genesys knows.

@@ -14,6 +14,8 @@ use crate::route::PathTemplate;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 512_000;
 /// Genesys's `token.rate.per.minute`.
 pub const DEFAULT_TOKEN_RATE_PER_MINUTE: u32 = 300;
+/// Users `GET /api/v2/users` lists unless told otherwise.
+pub const DEFAULT_USERS: u32 = 100;
 
 /// Everything `shiftgate emulate --config PATH` reads. Every key is optional; see `emulator.yaml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +36,15 @@ pub struct EmulatorConfig {
     pub max_body_bytes: usize,
     /// Faults armed at start; their `start` is relative to the emulator's start.
     pub faults: Vec<Fault>,
+    /// How many users `GET /api/v2/users` lists (ids as the load test's `user_id(i)`).
+    pub users: u32,
+    /// Whether the org limits API (`GET /api/v2/organizations/limits/namespaces[/{name}]`)
+    /// answers; false answers it 404, as an org where it is not available.
+    pub limits_api: bool,
+    /// Whether a 429 body names the limit it hit (`"limit": {"key", "namespace", "value"}`), as
+    /// Genesys may since 2023 but does not promise. Off by default, so a 429 matches the 2021
+    /// format byte for byte.
+    pub limit_in_429: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -46,6 +57,9 @@ impl Default for EmulatorConfig {
             latency: Latency::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             faults: Vec::new(),
+            users: DEFAULT_USERS,
+            limits_api: true,
+            limit_in_429: false,
         }
     }
 }
@@ -192,7 +206,8 @@ pub enum LimitScope {
     Token,
 }
 
-/// `count` requests per fixed window of `window` (1 s, 60 s or 3600 s).
+/// `count` requests per fixed window of `window`: `/s`, `/min`, `/h`, or any duration such as
+/// `/10s` (real limits are per second or minute; other lengths test what measures windows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct WindowLimit {
@@ -204,14 +219,18 @@ impl FromStr for WindowLimit {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid limit {s:?}: expected <whole number>/s, /min or /h");
+        let bad =
+            || format!("invalid limit {s:?}: expected <whole number>/s, /min, /h or /<duration>");
         let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = count.trim().parse().map_err(|_| bad())?;
         let window = match unit.trim() {
             "s" => Duration::from_secs(1),
             "min" => Duration::from_secs(60),
             "h" => Duration::from_secs(3600),
-            _ => return Err(bad()),
+            other => match humantime::parse_duration(other) {
+                Ok(d) if d >= Duration::from_millis(1) => d,
+                _ => return Err(bad()),
+            },
         };
         if count == 0 {
             return Err(format!("invalid limit {s:?}: the count must be at least 1"));
@@ -229,10 +248,11 @@ impl TryFrom<String> for WindowLimit {
 
 impl fmt::Display for WindowLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.window.as_secs() {
-            1 => "s",
-            60 => "min",
-            _ => "h",
+        let unit = match self.window.as_millis() {
+            1_000 => "s".to_string(),
+            60_000 => "min".to_string(),
+            3_600_000 => "h".to_string(),
+            _ => humantime::format_duration(self.window).to_string(),
         };
         write!(f, "{}/{unit}", self.count)
     }
@@ -621,6 +641,8 @@ mod tests {
         assert_eq!(config.route_limits.len(), 2);
         assert_eq!(config.route_limits[1].per, LimitScope::Token);
         assert_eq!(config.clients.len(), 1);
+        assert_eq!(config.users, 100);
+        assert!(config.limits_api && !config.limit_in_429);
         assert_eq!(config.latency.max, Duration::from_millis(40));
         let kinds: Vec<&str> = config.faults.iter().map(|f| f.kind.name()).collect();
         assert_eq!(
@@ -658,7 +680,20 @@ mod tests {
             "5/h".parse::<WindowLimit>().unwrap().window,
             Duration::from_secs(3600)
         );
-        for bad in ["0/s", "10/day", "x/s", "10", "1.5/s"] {
+        assert_eq!(
+            "20/10s".parse::<WindowLimit>().unwrap(),
+            WindowLimit {
+                count: 20,
+                window: Duration::from_secs(10)
+            },
+            "any duration is a window"
+        );
+        assert_eq!(
+            "20/10s".parse::<WindowLimit>().unwrap().to_string(),
+            "20/10s"
+        );
+        assert_eq!("5/min".parse::<WindowLimit>().unwrap().to_string(), "5/min");
+        for bad in ["0/s", "10/day", "x/s", "10", "1.5/s", "3/0s"] {
             assert!(bad.parse::<WindowLimit>().is_err(), "{bad} must be refused");
         }
     }

@@ -59,6 +59,8 @@ impl FixedWindow {
 pub(crate) struct Throttled {
     /// `token.rate.per.minute` or the route limit's name.
     pub limit: String,
+    /// The limit's count per window, for a 429 body that names its limit.
+    pub value: u32,
     pub retry_after: u64,
 }
 
@@ -119,6 +121,7 @@ impl Limiter {
             if let Some(window) = state.per_token.get(token) {
                 window.check(now, limit).map_err(|wait| Throttled {
                     limit: "token.rate.per.minute".to_string(),
+                    value: limit.count,
                     retry_after: retry_after_secs(wait),
                 })?;
             }
@@ -132,6 +135,7 @@ impl Limiter {
             if let Some(window) = window {
                 window.check(now, route.limit).map_err(|wait| Throttled {
                     limit: route.name.clone(),
+                    value: route.limit.count,
                     retry_after: retry_after_secs(wait),
                 })?;
             }

@@ -9,7 +9,8 @@
 //! - `genesys`: the Genesys data served (error codes, presence definitions ...); the error body
 //!   and `Retry-After` themselves are [`crate::genesys`]'s, shared with the proxy.
 //! - `auth`: Basic and Bearer headers, the token request's form body.
-//! - `api`: the endpoints (one file each: oauth, presence, routing status, `/_emulator/`) and
+//! - `api`: the endpoints (one file each: oauth, presence, routing status, users,
+//!   `/_emulator/`; the org limits API's answers are `catalog`'s) and
 //!   the order a request meets them in; no sockets.
 //! - `server`: hyper glue: connections, bodies, header spelling, `reset` faults, shutdown.
 //! - `clock`: the system clock, or a hand-moved one for tests.
@@ -47,7 +48,7 @@ pub use crate::route::PathTemplate;
 pub use config::{
     AuthConfig, ClientCredentials, ConfigError, EmulatorConfig, Fault, FaultKind, FaultStatus,
     Latency, LimitScope, RouteLimit, WindowLimit, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_TOKEN_RATE_PER_MINUTE,
+    DEFAULT_TOKEN_RATE_PER_MINUTE, DEFAULT_USERS,
 };
 pub use stats::{RouteLabel, SecondStats, StatsSnapshot, STATUS_RESET};
 

@@ -159,6 +159,7 @@ async fn respond(
     let (body, body_sha256) = read_body(body, state.max_body_bytes()).await;
     let request = ApiRequest {
         path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
         method: parts.method,
         headers: parts.headers,
         body,

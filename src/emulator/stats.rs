@@ -20,6 +20,7 @@ pub enum RouteLabel {
     OauthToken,
     Definitions,
     Limits,
+    Users,
     NotFound,
 }
 
@@ -34,6 +35,7 @@ impl RouteLabel {
             RouteLabel::OauthToken => "oauth_token",
             RouteLabel::Definitions => "definitions",
             RouteLabel::Limits => "limits",
+            RouteLabel::Users => "users",
             RouteLabel::NotFound => "not_found",
         }
     }

@@ -25,7 +25,7 @@ pub enum EndpointArg {
 /// Shift-change load against a target: agents changing their presence or routing status at once.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadtestArgs {
-    /// Where to send the load: http://host:port[/base] (shiftgate's listener or an emulator)
+    /// Where to send the load: http[s]://host[:port][/base] (shiftgate's listener, an emulator, or a Genesys API host)
     #[arg(long, value_name = "URL")]
     pub target: String,
     /// Concurrent agents, each with its own keep-alive connection
@@ -37,7 +37,7 @@ pub struct LoadtestArgs {
     /// Spread the agents' starts evenly over this long (e.g. 30s)
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub ramp: Duration,
-    /// Distinct bearer tokens; agent i uses "loadtest-token-<i % N>"
+    /// Distinct bearer tokens; agent i uses "loadtest-token-<i % N>" (with --client-id: N tokens minted from the org)
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub tokens: usize,
     /// The call every agent makes
@@ -73,6 +73,28 @@ pub struct LoadtestArgs {
     /// No progress bar
     #[arg(long)]
     pub quiet: bool,
+    /// A real org: the OAuth client whose client-credentials tokens the agents share (--tokens
+    /// of them are minted, agent i uses token i % N)
+    #[arg(long, value_name = "ID", requires = "client_secret_env")]
+    pub client_id: Option<String>,
+    /// The environment variable holding that client's secret (never on the command line)
+    #[arg(long, value_name = "VAR", requires = "client_id")]
+    pub client_secret_env: Option<String>,
+    /// Where tokens are asked for [default: the target; shiftgate routes /oauth/** to login]
+    #[arg(long, value_name = "URL", requires = "client_id")]
+    pub login: Option<String>,
+    /// Real users, one id per line (agent i changes user i % N); read before the run and
+    /// restored after it
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "client_id",
+        conflicts_with = "users_from_api"
+    )]
+    pub users: Option<PathBuf>,
+    /// Real users: the first N of GET /api/v2/users [default with --client-id: --agents]
+    #[arg(long, value_name = "N", requires = "client_id")]
+    pub users_from_api: Option<usize>,
 }
 
 /// `Name: value` into its two halves.
@@ -153,6 +175,7 @@ impl LoadtestArgs {
             think_time: self.think_time,
             sdk_retry: self.sdk_retry,
             extra_headers: self.headers.clone(),
+            real_org: Default::default(),
         };
         spec.validate()
             .map_err(|e| LoadtestError::Usage(e.to_string()))?;
@@ -173,7 +196,14 @@ pub async fn execute(
     show_progress: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let spec = args.to_spec()?;
+    let mut spec = args.to_spec()?;
+    let real = match &args.client_id {
+        Some(client_id) => Some(prepare_real_org(args, client_id).await?),
+        None => None,
+    };
+    if let Some(real) = &real {
+        spec.real_org = real.real.clone();
+    }
     let bar = progress_bar(spec.total_requests() as u64, show_progress);
     let on_progress = bar.clone().map(|bar| {
         Arc::new(move |p: Progress| {
@@ -185,10 +215,15 @@ pub async fn execute(
         }) as super::runner::ProgressFn
     });
 
-    let result = run(spec, on_progress).await?;
+    let result = run(spec, on_progress).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
+    if let Some(real) = &real {
+        let (restored, of) = real.restore().await;
+        eprintln!("shiftgate loadtest: {restored} of {of} users restored as found");
+    }
+    let result = result?;
     let summary = result.summary();
 
     if args.json {
@@ -215,6 +250,40 @@ pub async fn execute(
         return Err(LoadtestError::NothingAnswered(why).into());
     }
     Ok(())
+}
+
+/// Tokens, users, definitions and the users' states of the real org `--client-id` names.
+async fn prepare_real_org(
+    args: &LoadtestArgs,
+    client_id: &str,
+) -> Result<super::real_org::Prepared, LoadtestError> {
+    use super::real_org::{prepare, RealOrgError, Users};
+    use super::user_state::StateEndpoint;
+    let users = match &args.users {
+        Some(path) => Users::File(path),
+        None => Users::Api(args.users_from_api.unwrap_or(args.agents)),
+    };
+    let endpoint = match args.endpoint {
+        EndpointArg::Presence => Some(StateEndpoint::Presence),
+        EndpointArg::RoutingStatus => Some(StateEndpoint::RoutingStatus),
+        EndpointArg::Custom => None,
+    };
+    let secret_env = args.client_secret_env.as_deref().unwrap_or_default();
+    let login = args.login.as_deref().unwrap_or(&args.target);
+    prepare(
+        &args.target,
+        login,
+        client_id,
+        secret_env,
+        args.tokens,
+        users,
+        endpoint,
+    )
+    .await
+    .map_err(|e| match e {
+        RealOrgError::Usage(m) => LoadtestError::Usage(m),
+        other => LoadtestError::NothingAnswered(other.to_string()),
+    })
 }
 
 fn progress_bar(total: u64, show: bool) -> Option<ProgressBar> {
@@ -349,7 +418,10 @@ mod tests {
                 "is not an HTTP method",
             ),
             (&["--agents", "0"], "agents must be at least 1"),
-            (&["--target", "https://127.0.0.1:8443"], "uses https"),
+            (
+                &["--target", "ftp://127.0.0.1:8443"],
+                "is not http or https",
+            ),
         ];
         for (extra, expected) in cases {
             let mut argv = extra.to_vec();

@@ -1,29 +1,34 @@
 //! The load generator's HTTP client: one keep-alive HTTP/1.1 connection per agent, reopened when the server closes it.
+//! http, or https with the system's trusted roots (rustls), as a real Genesys org needs.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 /// Why a target URL was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
-    #[error("target {0:?} uses https, which the load generator does not speak: give it http://host:port[/base] (shiftgate's plain listener, or a TLS-terminating proxy in front of an https API)")]
-    Https(String),
-    #[error("target {target:?} is not a usable URL: {reason} (expected http://host:port[/base])")]
+    #[error(
+        "target {target:?} is not a usable URL: {reason} (expected http[s]://host[:port][/base])"
+    )]
     Invalid { target: String, reason: String },
 }
 
-/// Where the load goes: an `http://host:port[/base]` URL, parsed once.
+/// Where the load goes: an `http[s]://host[:port][/base]` URL, parsed once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     original: String,
+    /// https: TLS with the system's roots, the host name checked against the certificate.
+    tls: bool,
     /// The host as `TcpStream::connect` wants it: an IPv6 literal without its brackets.
     connect_host: String,
     port: u16,
@@ -42,14 +47,12 @@ impl Target {
         let uri: http::Uri = target
             .parse()
             .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some(s) if s.eq_ignore_ascii_case("https") => {
-                return Err(TargetError::Https(target.to_string()))
-            }
-            Some(s) => return Err(invalid(&format!("scheme {s:?} is not http"))),
+        let tls = match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") => false,
+            Some(s) if s.eq_ignore_ascii_case("https") => true,
+            Some(s) => return Err(invalid(&format!("scheme {s:?} is not http or https"))),
             None => return Err(invalid("the scheme is missing")),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| invalid("the host is missing"))?;
@@ -71,11 +74,12 @@ impl Target {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let authority_header =
             HeaderValue::from_str(authority.as_str()).map_err(|e| invalid(&e.to_string()))?;
         Ok(Self {
             original: target.to_string(),
+            tls,
             connect_host,
             port,
             authority: authority_header,
@@ -100,6 +104,40 @@ impl Target {
     pub fn as_str(&self) -> &str {
         &self.original
     }
+
+    /// Whether requests go over TLS (an https URL).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+}
+
+/// What a connection reads and writes: a TCP stream, or TLS over one.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One TLS client config for the process: loading the system's roots reads files, once is enough.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let native = rustls_native_certs::load_native_certs()
+                .map_err(|e| format!("cannot read the system's trusted roots: {e}"))?;
+            let (added, _ignored) = roots.add_parsable_certificates(native);
+            if added == 0 {
+                return Err("the system has no trusted root certificates".to_string());
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            // This client speaks HTTP/1.1 only.
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Arc::new(config))
+        })
+        .clone()
 }
 
 impl FromStr for Target {
@@ -123,6 +161,8 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: hyper::Error },
     #[error("request to {addr} failed: {source}")]
@@ -283,6 +323,24 @@ impl AgentConnection {
             })?;
         // Requests are small and latency is what we measure: Nagle would only add delay.
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Io> = if self.target.tls {
+            let tls_error = |reason: String| ClientError::Tls {
+                addr: addr.clone(),
+                reason,
+            };
+            let config = tls_config().map_err(tls_error)?;
+            let name = rustls_pki_types::ServerName::try_from(self.target.connect_host.clone())
+                .map_err(|e| tls_error(e.to_string()))?;
+            let connector = tokio_rustls::TlsConnector::from(config);
+            Box::new(
+                connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| tls_error(e.to_string()))?,
+            )
+        } else {
+            Box::new(stream)
+        };
         let (sender, connection) =
             http1::handshake(TokioIo::new(stream))
                 .await
@@ -338,15 +396,11 @@ mod tests {
     }
 
     #[test]
-    fn an_https_target_is_refused_with_a_message_that_says_why() {
-        let error = Target::parse("https://api.mypurecloud.com").unwrap_err();
-        assert_eq!(
-            error,
-            TargetError::Https("https://api.mypurecloud.com".into())
-        );
-        let message = error.to_string();
-        assert!(message.contains("https"), "{message}");
-        assert!(message.contains("http://host:port"), "{message}");
+    fn an_https_target_means_tls_on_port_443() {
+        let target = Target::parse("https://api.mypurecloud.com").unwrap();
+        assert!(target.is_tls());
+        assert_eq!(target.addr(), "api.mypurecloud.com:443");
+        assert!(!Target::parse("http://localhost").unwrap().is_tls());
     }
 
     #[test]

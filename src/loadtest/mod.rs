@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`spec`]: what to send: [`LoadSpec`], [`Endpoint`], the agents' user ids and tokens.
-//! - [`client`]: one keep-alive HTTP/1.1 connection per agent, reopened when the server closes it.
+//! - [`client`]: one keep-alive HTTP/1.1 connection per agent (http or https), reopened when the
+//!   server closes it.
+//! - [`org`]: a real org: client-credentials tokens, calls over a shared pool; secrets redacted.
+//! - [`user_state`]: a user's presence or routing status, read and put back as found;
+//!   [`real_org`]: a run against a real org (tokens, users, definitions, restoring users).
 //! - [`runner`]: [`run`]: agents started along the ramp, SDK-style retries on 429, progress.
 //! - [`stats`]: [`RequestRecord`], [`Summary`] (nearest-rank percentiles), [`rate_timeline`].
 //! - [`charts`] and [`report`]: the summary table and the self-contained HTML report.
@@ -21,10 +25,13 @@
 pub mod charts;
 pub mod cli;
 pub mod client;
+pub mod org;
+pub mod real_org;
 pub mod report;
 pub mod runner;
 pub mod spec;
 pub mod stats;
+pub mod user_state;
 
 #[cfg(test)]
 mod tests;
@@ -35,7 +42,7 @@ pub use cli::{execute, exit_code, main, EndpointArg, LoadtestArgs, LoadtestError
 pub use client::{Target, TargetError};
 pub use report::{html_report, summary_table, write_html_report};
 pub use runner::{run, sdk_retry_delay, Progress, ProgressFn, SdkRetry};
-pub use spec::{bearer_token, user_id, Endpoint, LoadSpec, SpecError};
+pub use spec::{bearer_token, user_id, Endpoint, LoadSpec, RealOrg, SpecError};
 pub use stats::{
     latency_timeline, nearest_rank, rate_timeline, LatencyBucket, LoadResult, Percentiles,
     RequestRecord, Summary,

@@ -74,6 +74,20 @@ pub struct LoadSpec {
     pub sdk_retry: u32,
     /// Sent with every request, after (and so replacing) the generator's own headers of that name.
     pub extra_headers: Vec<(String, String)>,
+    /// A real org's users, definitions and tokens, in place of the invented ones.
+    pub real_org: RealOrg,
+}
+
+/// What a load test against a real org uses instead of invented values; each list, when not
+/// empty, is shared round-robin by the agents (agent `i` takes entry `i % len`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RealOrg {
+    /// User ids (`--users FILE`, `--users-from-api N`).
+    pub user_ids: Vec<String>,
+    /// Presence definition ids from `GET /api/v2/presence/definitions`, cycled through.
+    pub presence_definition_ids: Vec<String>,
+    /// Tokens issued by the org's login host (client credentials). Never shown by `Debug`.
+    pub tokens: Vec<super::org::Token>,
 }
 
 impl Default for LoadSpec {
@@ -89,6 +103,7 @@ impl Default for LoadSpec {
             think_time: Duration::ZERO,
             sdk_retry: 0,
             extra_headers: Vec::new(),
+            real_org: RealOrg::default(),
         }
     }
 }
@@ -206,11 +221,20 @@ pub(crate) struct Prepared {
 impl Plan {
     /// The `n`-th request of `agent`; `now` is the routing status' `startTime`.
     pub fn request(&self, agent: usize, n: usize, now: SystemTime) -> Prepared {
-        let user = user_id(agent);
+        let real = &self.spec.real_org;
+        let user = if real.user_ids.is_empty() {
+            user_id(agent)
+        } else {
+            real.user_ids[agent % real.user_ids.len()].clone()
+        };
         let (method, path, body) = match &self.spec.endpoint {
             Endpoint::PresencePatch => {
-                let definition =
-                    PRESENCE_DEFINITION_IDS[(agent + n) % PRESENCE_DEFINITION_IDS.len()];
+                let definition = if real.presence_definition_ids.is_empty() {
+                    PRESENCE_DEFINITION_IDS[(agent + n) % PRESENCE_DEFINITION_IDS.len()]
+                } else {
+                    let ids = &real.presence_definition_ids;
+                    ids[(agent + n) % ids.len()].as_str()
+                };
                 let body = serde_json::json!({
                     "presenceDefinition": { "id": definition },
                     "primary": true,
@@ -247,11 +271,13 @@ impl Plan {
 
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            AUTHORIZATION,
+        let authorization = if real.tokens.is_empty() {
             HeaderValue::from_str(&bearer_token(agent, self.spec.tokens))
-                .expect("the token is plain ASCII"),
-        );
+                .expect("the token is plain ASCII")
+        } else {
+            real.tokens[agent % real.tokens.len()].bearer()
+        };
+        headers.insert(AUTHORIZATION, authorization);
         headers.insert(
             USER_AGENT,
             HeaderValue::from_static(concat!("shiftgate-loadtest/", env!("CARGO_PKG_VERSION"))),
@@ -457,10 +483,13 @@ mod tests {
             ),
             (
                 LoadSpec {
-                    target: "https://127.0.0.1:8443".into(),
+                    target: "ftp://127.0.0.1:8443".into(),
                     ..LoadSpec::default()
                 },
-                SpecError::Target(TargetError::Https("https://127.0.0.1:8443".into())),
+                SpecError::Target(TargetError::Invalid {
+                    target: "ftp://127.0.0.1:8443".into(),
+                    reason: "scheme \"ftp\" is not http or https".into(),
+                }),
             ),
         ];
         for (spec, expected) in cases {

@@ -69,6 +69,7 @@ impl<'a> Validator<'a> {
         let log = self.log(&raw.log);
         let shutdown = self.shutdown(&raw.shutdown);
         let cluster = raw.cluster.as_ref().map(|c| self.cluster(c));
+        let trusted_proxies = self.trusted_proxies(&raw.trusted_proxies);
 
         if !self.errors.is_empty() {
             return Err(self.errors);
@@ -89,7 +90,33 @@ impl<'a> Validator<'a> {
             cluster,
             tls: tls.flatten(),
             watch_file: raw.reload.watch_file.unwrap_or(true),
+            trusted_proxies,
         })
+    }
+
+    /// `trusted_proxies`: each a network (`10.0.0.0/8`, `fd00::/8`) or one address (`10.0.0.1`,
+    /// taken as /32 or /128). Host bits of a network are cleared (`10.1.2.3/8` is `10.0.0.0/8`).
+    fn trusted_proxies(&mut self, raw: &[String]) -> Vec<ipnet::IpNet> {
+        let at = YamlPath::top("trusted_proxies");
+        let mut nets = Vec::with_capacity(raw.len());
+        for (i, text) in raw.iter().enumerate() {
+            let s = text.trim();
+            let parsed = s
+                .parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => nets.push(net),
+                Err(_) => self.err(
+                    &at.index(i),
+                    format!(
+                        "invalid network \"{text}\": expected a CIDR such as 10.0.0.0/8 or \
+                         fd00::/8, or one address"
+                    ),
+                ),
+            }
+        }
+        nets
     }
 
     /// `listen` and `admin_listen`.
@@ -98,7 +125,9 @@ impl<'a> Validator<'a> {
         let admin_at = YamlPath::top("admin_listen");
         let admin_listen = self.socket(
             &admin_at,
-            raw.admin_listen.as_deref().unwrap_or("127.0.0.1:9090"),
+            raw.admin_listen
+                .as_deref()
+                .unwrap_or(super::DEFAULT_ADMIN_LISTEN),
         );
         if raw.admin_listen.is_some() && listen == admin_listen {
             self.err(&admin_at, "must differ from listen");

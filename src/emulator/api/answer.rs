@@ -72,6 +72,25 @@ impl ApiAnswer {
         }
     }
 
+    /// The Genesys 429 whose body also names the limit hit, as Genesys may since 2023:
+    /// `"limit": {"key", "namespace", "value"}` after the usual fields.
+    pub(super) fn too_many_requests_naming(
+        retry_after: u64,
+        context_id: &str,
+        key: &str,
+        namespace: &str,
+        value: u32,
+    ) -> Self {
+        let mut answer = ApiAnswer::too_many_requests(retry_after, context_id);
+        let limit = json!({ "key": key, "namespace": namespace, "value": value });
+        // The usual body's fields keep their order; the limit goes last.
+        let mut body = answer.body.to_vec();
+        body.pop();
+        body.extend_from_slice(format!(",\"limit\":{limit}}}").as_bytes());
+        answer.body = Bytes::from(body);
+        answer
+    }
+
     pub(super) fn bad_request(message: &str, context_id: &str) -> Self {
         ApiAnswer::error(
             StatusCode::BAD_REQUEST,

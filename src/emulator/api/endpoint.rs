@@ -25,6 +25,10 @@ pub(super) enum ApiCall<'a> {
     },
     Definitions,
     Limits,
+    LimitsNamespace {
+        name: &'a str,
+    },
+    Users,
     /// `api`: under `/api/v2`, so authentication and limits still apply.
     NotFound {
         api: bool,
@@ -59,6 +63,12 @@ impl<'a> ApiCall<'a> {
             ["api", "v2", "organizations", "limits", "namespaces"] if m == Method::GET => {
                 ApiCall::Limits
             }
+            ["api", "v2", "organizations", "limits", "namespaces", name]
+                if m == Method::GET && !name.is_empty() =>
+            {
+                ApiCall::LimitsNamespace { name }
+            }
+            ["api", "v2", "users"] if m == Method::GET => ApiCall::Users,
             _ => ApiCall::NotFound { api },
         }
     }
@@ -72,7 +82,8 @@ impl<'a> ApiCall<'a> {
             ApiCall::RoutingStatusPut { .. } => RouteLabel::RoutingstatusPut,
             ApiCall::RoutingStatusGet { .. } => RouteLabel::RoutingstatusGet,
             ApiCall::Definitions => RouteLabel::Definitions,
-            ApiCall::Limits => RouteLabel::Limits,
+            ApiCall::Limits | ApiCall::LimitsNamespace { .. } => RouteLabel::Limits,
+            ApiCall::Users => RouteLabel::Users,
             ApiCall::NotFound { .. } => RouteLabel::NotFound,
         }
     }
@@ -131,6 +142,12 @@ mod tests {
                 "/api/v2/organizations/limits/namespaces",
                 RouteLabel::Limits,
             ),
+            (
+                Method::GET,
+                "/api/v2/organizations/limits/namespaces/platform.api",
+                RouteLabel::Limits,
+            ),
+            (Method::GET, "/api/v2/users", RouteLabel::Users),
             (
                 Method::PUT,
                 "/api/v2/wfm/schedules/agents/a1",

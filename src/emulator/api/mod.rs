@@ -1,8 +1,8 @@
 //! The emulated Genesys API without sockets: the state it shares and the path a request takes.
 //!
 //! A request meets, in order: its body's size, faults, auth, limits, the endpoint itself, then
-//! latency. `endpoint` names the endpoint a path is for; `oauth`, `presence`, `routing` and
-//! `control` (`/_emulator/*`) answer them; `answer` builds answers with the headers every answer
+//! latency. `endpoint` names the endpoint a path is for; `oauth`, `presence`, `routing`, `users`
+//! and `control` (`/_emulator/*`) answer them; `answer` builds answers with the headers every answer
 //! carries; `json` reads request bodies.
 
 mod answer;
@@ -12,6 +12,7 @@ mod json;
 mod oauth;
 mod presence;
 mod routing;
+mod users;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ pub(crate) struct ApiRequest {
     pub method: Method,
     /// The path without the query string.
     pub path: String,
+    /// The query string without its `?`; empty when there is none.
+    pub query: String,
     pub headers: HeaderMap,
     pub body: RequestBody,
     /// Hex SHA-256 of every body byte received; `None` when the body was not read to its end.
@@ -59,9 +62,11 @@ impl ApiRequest {
     /// For callers that hold the whole body (tests).
     #[cfg(test)]
     pub(crate) fn new(method: Method, path: &str, headers: HeaderMap, body: &[u8]) -> Self {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
         ApiRequest {
             method,
             path: path.to_string(),
+            query: query.to_string(),
             headers,
             body: RequestBody::Complete(Bytes::copy_from_slice(body)),
             body_sha256: Some(crate::digest::sha256_hex(body)),
@@ -243,6 +248,15 @@ impl ApiState {
             .admit(now, token, req.method.as_str(), &req.path)
         {
             tracing::debug!(limit = %throttled.limit, retry_after = throttled.retry_after, "emulator: 429");
+            if self.config.limit_in_429 {
+                return ApiAnswer::too_many_requests_naming(
+                    throttled.retry_after,
+                    context_id,
+                    &throttled.limit,
+                    catalog::API_NAMESPACE,
+                    throttled.value,
+                );
+            }
             return ApiAnswer::too_many_requests(throttled.retry_after, context_id);
         }
         match *endpoint {
@@ -269,7 +283,20 @@ impl ApiState {
                 ApiAnswer::json(StatusCode::OK, &self.routing_status(user))
             }
             ApiCall::Definitions => ApiAnswer::json_bytes(StatusCode::OK, self.definitions.clone()),
-            ApiCall::Limits => ApiAnswer::json_bytes(StatusCode::OK, self.namespaces.clone()),
+            ApiCall::Limits if self.config.limits_api => {
+                ApiAnswer::json_bytes(StatusCode::OK, self.namespaces.clone())
+            }
+            ApiCall::LimitsNamespace { name } if self.config.limits_api => {
+                match catalog::namespace_limits(name, &self.namespaces) {
+                    Some(listing) => ApiAnswer::json(StatusCode::OK, &listing),
+                    None => not_found(context_id),
+                }
+            }
+            ApiCall::Limits | ApiCall::LimitsNamespace { .. } => not_found(context_id),
+            ApiCall::Users => match users::page(&req.query, self.config.users) {
+                Ok(page) => ApiAnswer::json(StatusCode::OK, &page),
+                Err(message) => ApiAnswer::bad_request(&message, context_id),
+            },
             ApiCall::OauthToken | ApiCall::NotFound { .. } => not_found(context_id),
         }
     }

@@ -4,6 +4,7 @@
 //! the server over loopback sockets in real time.
 
 mod auth;
+mod discovery;
 mod e2e;
 mod endpoints;
 mod faults;
