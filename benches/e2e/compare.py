@@ -413,7 +413,7 @@ def main():
             results["over_budget"] = shift_change(100, 150, agents, loops)
         if wanted("one-token"):
             print("one token, paced vs coalesced", file=sys.stderr)
-            results["one_token"] = one_token(*((100, 2) if QUICK else (200, 3)))
+            results["one_token"] = one_token(*((100, 2) if QUICK else (500, 10)))
         if wanted("pass-through"):
             print("pass-through", file=sys.stderr)
             results["pass_through"] = pass_through(5 if QUICK else 15)
