@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::state::{ReloadRecord, State};
-use crate::status_page::{self, BudgetStatus, RouteStatus, StatusSnapshot};
+use crate::status_page::{self, BudgetStatus, CoalesceStatus, RouteStatus, StatusSnapshot};
 
 type Body = Full<Bytes>;
 
@@ -338,6 +338,19 @@ pub fn snapshot(state: &State) -> StatusSnapshot {
                 .max(0) as u64,
             requests_total: counter(&m.requests_total, &r.name),
             rejections_total: counter(&m.rejections_total, &r.name),
+            coalesce: r.coalesce.map(|c| CoalesceStatus {
+                into: cfg.routes[c.into].name.clone(),
+                window_seconds: c.window.as_secs_f64(),
+                max_batch: c.max_batch,
+                coalesced_total: m
+                    .coalesced_requests_total
+                    .with_label_values(&[r.name.as_str()])
+                    .get(),
+                batches_total: m
+                    .batch_size
+                    .with_label_values(&[r.name.as_str()])
+                    .get_sample_count(),
+            }),
         })
         .collect::<Vec<_>>();
     let budgets = cfg

@@ -1,6 +1,6 @@
 //! `shiftgate demo`: one shift change run three ways (straight at an emulated Genesys without
 //! retry, straight at it with SDK-style retry, and through shiftgate) and the results side by
-//! side. Invariant: the proxy it starts is a child process that never outlives the demo, whether
+//! side; then one under a single token, paced and coalesced into bulk calls. Invariant: the proxy it starts is a child process that never outlives the demo, whether
 //! it ends normally, on an error or on Ctrl-C / SIGTERM.
 //!
 //! Why a child process: Pingora's server can run only once per process and never returns
@@ -203,7 +203,147 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let _ = writeln!(out);
     out.push_str(&conclusion(&results, ideal, total));
     print_now(&out);
+    one_token(args).await
+}
+
+/// Agents of the one-token part, at most (paced, each update takes a fifth of a second).
+const ONE_TOKEN_AGENTS: usize = 100;
+/// The emulated bulk presence call's own limit, per token.
+const BULK_PER_SECOND: u32 = 10;
+
+/// One integration token sets every agent's presence: paced by Genesys's 300/min, then
+/// coalesced into bulk calls, each through a fresh proxy and emulator.
+async fn one_token(args: &DemoArgs) -> anyhow::Result<()> {
+    let agents = (args.agents as usize).min(ONE_TOKEN_AGENTS);
+    let per_second = f64::from(TOKEN_RATE_PER_MINUTE) / 60.0;
+    let ideal = Duration::from_secs_f64(agents as f64 / per_second);
+    print_now(&format!(
+        "\nOne token: {agents} agents change their presence once, all under one integration's \
+         token\n  (client credentials): {TOKEN_RATE_PER_MINUTE} requests per minute, ideally \
+         {:.1} s one by one. Coalesced, shiftgate\n  sends them as bulk calls of up to 50 \
+         (PUT /api/v2/users/presences/bulk, {BULK_PER_SECOND}/s per token in the emulator).\n\n",
+        ideal.as_secs_f64()
+    ));
+    let emulators = EmulatorRuntime::start(one_token_emulator_config(), 2)?;
+    let mut results = Vec::new();
+    for (i, (title, coalesce)) in [("paced", false), ("coalesced", true)]
+        .into_iter()
+        .enumerate()
+    {
+        print_now(&format!("[{}/2] one token, {title} ... ", i + 1));
+        let api = emulators.get(i);
+        let upstream = api.local_addr();
+        let exe = std::env::current_exe().context("cannot find this program's own path")?;
+        let mut options = ProxyOptions::new(exe);
+        options.rust_log = "warn".into();
+        options.dir_prefix = "shiftgate-demo".into();
+        let max_wait = ideal * 2 + Duration::from_secs(30);
+        let proxy = ProxyChild::start(options, |listen, admin| {
+            let text = one_token_proxy_config(listen, admin, upstream, coalesce, max_wait);
+            Config::parse(&text).map_err(|e| anyhow::anyhow!("the demo's proxy config: {e}"))?;
+            Ok(text)
+        })
+        .await
+        .context("cannot start the proxy")?;
+        warm_up(proxy.addr()).await?;
+        api.reset_stats();
+        let started = Instant::now();
+        let spec = LoadSpec {
+            target: proxy.url(),
+            agents,
+            loops: 1,
+            ramp: Duration::ZERO,
+            tokens: 1,
+            endpoint: Endpoint::PresencePatch,
+            timeout: max_wait + Duration::from_secs(30),
+            think_time: Duration::ZERO,
+            sdk_retry: 0,
+            extra_headers: Vec::new(),
+            real_org: Default::default(),
+        };
+        let result = loadtest::run(spec, None).await?;
+        print_now(&format!("{:.1} s\n", started.elapsed().as_secs_f64()));
+        proxy.stop();
+        results.push(WayResult {
+            title,
+            summary: result.summary(),
+            api: api.stats(),
+        });
+    }
+    let mut out = String::new();
+    let _ = writeln!(out);
+    out.push_str(&comparison(&results, ideal));
+    if let [paced, coalesced] = &results[..] {
+        let _ = writeln!(
+            out,
+            "\n- Coalesced, the same {agents} updates took {} API requests instead of {}, and \
+             {:.1} s instead of {:.1} s;\n  each agent still got its own answer \
+             (X-Shiftgate-Batch says how many shared its bulk call).",
+            coalesced.api.total_requests,
+            paced.api.total_requests,
+            coalesced.summary.completion_time.as_secs_f64(),
+            paced.summary.completion_time.as_secs_f64(),
+        );
+    }
+    print_now(&out);
     Ok(())
+}
+
+/// Genesys's per-token limit and the bulk presence call's own limit per token.
+fn one_token_emulator_config() -> EmulatorConfig {
+    let yaml = format!(
+        r#"
+token_rate_per_minute: {TOKEN_RATE_PER_MINUTE}
+latency: {{ min: "20ms", max: "40ms" }}
+route_limits:
+  - name: bulk
+    method: PUT
+    path: "/api/v2/users/presences/bulk"
+    limit: "{BULK_PER_SECOND}/s"
+    per: token
+"#
+    );
+    EmulatorConfig::from_yaml_str(&yaml).expect("the demo's emulator config is valid")
+}
+
+/// The one-token part's proxy: paced by the token's budget, its updates coalesced or not.
+fn one_token_proxy_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    coalesce: bool,
+    max_wait: Duration,
+) -> String {
+    let coalesce = if coalesce {
+        "\n    coalesce: { into: presence-bulk, window: \"10ms\", max_batch: 50 }"
+    } else {
+        ""
+    };
+    format!(
+        r#"# Written by `shiftgate demo`.
+listen: "{listen}"
+admin_listen: "{admin}"
+upstreams:
+  api: {{ url: "http://{upstream}" }}
+budgets:
+  per-token: {{ rate: "{TOKEN_RATE_PER_MINUTE}/min", per: token }}
+  presence-bulk: {{ rate: "{BULK_PER_SECOND}/s", per: token }}
+routes:
+  - name: presence
+    match: {{ method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}" }}
+    budgets: [per-token]
+    max_wait: "{max_wait}s"{coalesce}
+  - name: presence-bulk
+    match: {{ method: PUT, path: "/api/v2/users/presences/bulk" }}
+    budgets: [presence-bulk, per-token]
+  - name: default
+    match: {{ path: "/**" }}
+workers: 2
+shutdown:
+  drain_timeout: "1s"
+"#,
+        max_wait = max_wait.as_secs(),
+    )
 }
 
 /// The emulated org: Genesys's per-token limit and an org-wide presence limit of `limit`/s.
@@ -577,6 +717,22 @@ mod tests {
         let presence = &config.budgets[config.budget_index("presence").unwrap()];
         assert_eq!(presence.rate.per_second, 100.0);
         assert_eq!(config.routes[1].max_wait, Duration::from_secs(34));
+    }
+
+    #[test]
+    fn the_one_token_proxy_configs_are_valid_and_only_one_coalesces() {
+        for coalesce in [false, true] {
+            let text = one_token_proxy_config(
+                loopback(18080),
+                loopback(19090),
+                loopback(18081),
+                coalesce,
+                Duration::from_secs(70),
+            );
+            let config = Config::parse(&text).unwrap();
+            assert_eq!(config.routes[0].coalesce.is_some(), coalesce);
+        }
+        assert_eq!(one_token_emulator_config().route_limits[0].limit.count, 10);
     }
 
     #[test]

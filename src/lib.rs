@@ -13,6 +13,8 @@
 //!   [`status_page`]: the page and JSON it shows; [`reload`]: all-or-nothing config reload.
 //! - [`proxy`]: the Pingora `ProxyHttp` implementation, the only module that knows `Session`:
 //!   each hook translates between the session and the plain types below.
+//! - [`bulk`]: coalescing at run time: a task per token waits for the bulk route's slot, makes
+//!   the bulk call (its own HTTP client) and hands each update its own answer.
 //! - [`state`]: the running proxy's state (config in force, pacer, metrics, lifecycle), fields
 //!   private behind one method per change; [`resolve`]: upstream names resolved off the request
 //!   path.
@@ -22,6 +24,8 @@
 //!   [`pacer::queue`] decides from (state, now) whom to admit and release, and which keys of a
 //!   keyed budget to forget (at most `max_keys`, idle ones first); the handle reads the clock,
 //!   delivers grants and, in cluster mode, leases slots.
+//! - [`coalesce`]: single updates grouped per token into batches for bulk calls, never two of
+//!   one user in a batch, each user's updates in order.
 //! - [`throttle`]: what an upstream 429 means: pause, probe, learn the limit, retry delay.
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures.
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
@@ -50,6 +54,8 @@
 
 pub mod admin;
 pub mod budget;
+pub mod bulk;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod digest;

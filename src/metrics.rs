@@ -40,6 +40,8 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("shiftgate_connections", "gauge"),
     ("shiftgate_queue_max_depth", "gauge"),
     ("shiftgate_budget_paused_seconds", "gauge"),
+    ("shiftgate_coalesced_requests_total", "counter"),
+    ("shiftgate_batch_size", "histogram"),
     ("shiftgate_max_connections", "gauge"),
     // The standard process metrics (the contract's `process_*`), from /proc/self on Linux.
     ("process_cpu_seconds_total", "counter"),
@@ -50,6 +52,9 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("process_start_time_seconds", "gauge"),
     ("process_threads", "gauge"),
 ];
+
+/// Updates per bulk call: 1 (a batch of one goes alone) to 50 (Genesys's assumed maximum).
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0];
 
 /// The `listener` label of `shiftgate_connections`: the plain HTTP listener, the HTTPS one.
 pub const LISTENERS: [&str; 2] = ["plain", "tls"];
@@ -147,6 +152,10 @@ pub struct Metrics {
     /// `shiftgate_budget_paused_seconds{budget}`: time left on a pause after an upstream 429
     /// (the longest among the budget's buckets; 0: none). Set on each scrape.
     pub budget_paused_seconds: GaugeVec,
+    /// `shiftgate_coalesced_requests_total{route}`: single updates sent inside bulk calls.
+    pub coalesced_requests_total: IntCounterVec,
+    /// `shiftgate_batch_size{route}`: updates per bulk call.
+    pub batch_size: HistogramVec,
     /// `shiftgate_max_connections`: `limits.max_connections` in force, so that an alert can
     /// compare `shiftgate_connections` with it.
     pub max_connections: IntGauge,
@@ -291,6 +300,22 @@ impl Metrics {
             "Seconds left on a pause after an upstream 429, by budget (the longest among its keys; 0: none).",
             &["budget"],
         );
+        let coalesced_requests_total = int_counter_vec(
+            &registry,
+            "shiftgate_coalesced_requests_total",
+            "Single updates sent inside bulk calls, by the route they came on.",
+            &["route"],
+        );
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new(
+                "shiftgate_batch_size",
+                "Updates per bulk call, by the route the updates came on.",
+            )
+            .buckets(BATCH_SIZE_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric options");
+        register(&registry, batch_size.clone());
 
         let max_connections = IntGauge::with_opts(Opts::new(
             "shiftgate_max_connections",
@@ -331,6 +356,8 @@ impl Metrics {
             connections,
             queue_max_depth,
             budget_paused_seconds,
+            coalesced_requests_total,
+            batch_size,
             max_connections,
         }
     }
@@ -373,6 +400,8 @@ impl Metrics {
             self.queue_wait_seconds.with_label_values(&[route]);
             self.request_duration_seconds.with_label_values(&[route]);
             self.upstream_duration_seconds.with_label_values(&[route]);
+            self.coalesced_requests_total.with_label_values(&[route]);
+            self.batch_size.with_label_values(&[route]);
         }
         for &budget in budgets {
             self.budget_throttles_total.with_label_values(&[budget]);

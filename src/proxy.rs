@@ -22,6 +22,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::bulk::{self, Busy, Update};
 use crate::config::{Config, Per, RouteSpec};
 use crate::digest::{key_hash, token_key};
 use crate::hygiene::check_head;
@@ -77,6 +78,10 @@ pub struct Ctx {
     body_read_up_front: bool,
     client_gone: bool,
     logged: bool,
+    /// A coalesced update: the size of the batch that answered it.
+    batch: Option<usize>,
+    /// A coalesced update's user, busy until this request ends (see [`Busy`]).
+    _busy: Option<Busy>,
 }
 
 struct Queued {
@@ -169,6 +174,84 @@ impl Proxy {
                 self.state.pacer().bucket_key(&b.name, key)
             })
             .collect()
+    }
+
+    /// A presence update of a coalescing route waits for its batch's answer. `Ok(true)`: it was
+    /// answered (its own entry, the bulk call's last 429, or refused on arrival); `Ok(false)`:
+    /// it goes alone through its own route, as any request.
+    async fn coalesce(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        cfg: &Config,
+        route: &RouteSpec,
+    ) -> Result<bool> {
+        let Some(body) = session.as_downstream().get_retry_buffer() else {
+            return Ok(false);
+        };
+        let Some((user, source)) = presence_target(&ctx.target) else {
+            return Ok(false);
+        };
+        let Some(entry) = bulk_entry(user, source, &body) else {
+            return Ok(false);
+        };
+        let authorization = session.req_header().headers.get("authorization").cloned();
+        let key = token_key(authorization.as_ref().map_or(&[][..], |v| v.as_bytes()));
+        let update = Update {
+            user: user.to_string(),
+            entry,
+            authorization,
+        };
+        let (rx, busy) = match self
+            .state
+            .coalescer()
+            .submit(&self.state, cfg, route, key, update)
+        {
+            Ok(queued) => queued,
+            Err(rejection) => {
+                let a = LocalResponse::refused(&route.name, route.max_wait, &rejection);
+                self.answer(session, ctx, a).await;
+                return Ok(true);
+            }
+        };
+        ctx._busy = Some(busy);
+        let depth = self
+            .state
+            .metrics()
+            .queue_depth
+            .with_label_values(&[route.name.as_str()]);
+        let waiting = GaugeGuard::new(depth);
+        let outcome = Self::unless_client_leaves(session, rx).await;
+        drop(waiting);
+        let answered = match outcome {
+            None => return Err(self.client_left(ctx)),
+            Some(Ok(bulk::Outcome::Answered(a) | bulk::Outcome::Throttled(a))) => a,
+            Some(Ok(bulk::Outcome::Alone) | Err(_)) => return Ok(false),
+        };
+        ctx.waited = answered.waited;
+        ctx.attempts = answered.attempts;
+        ctx.batch = Some(answered.batch);
+        self.observe_queue_wait(&route.name, answered.waited);
+        let mut resp = ResponseHeader::build(answered.status, Some(8))?;
+        if let Some(ct) = &answered.content_type {
+            resp.insert_header("Content-Type", ct)?;
+        }
+        resp.insert_header("Content-Length", answered.body.len().to_string())?;
+        if let Some(id) = &answered.correlation {
+            resp.insert_header("ININ-Correlation-Id", id)?;
+        }
+        if let Some(after) = answered.retry_after {
+            resp.insert_header("Retry-After", after.as_secs().max(1).to_string())?;
+        }
+        add_shiftgate_headers(&mut resp, ctx);
+        if !self.state.keep_alive() {
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(answered.body), true)
+            .await?;
+        Ok(true)
     }
 
     /// Reads the whole request body now (it fits the replay buffer).
@@ -328,6 +411,39 @@ impl Proxy {
 fn add_shiftgate_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
     let _ = resp.insert_header("X-Shiftgate-Wait-Ms", ctx.waited.as_millis().to_string());
     let _ = resp.insert_header("X-Shiftgate-Attempts", ctx.attempts.to_string());
+    if let Some(batch) = ctx.batch {
+        let _ = resp.insert_header("X-Shiftgate-Batch", batch.to_string());
+    }
+}
+
+/// The user and source of a presence update's path (`.../users/{userId}/presences/{sourceId}`).
+fn presence_target(target: &str) -> Option<(&str, &str)> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let segs: Vec<&str> = path.split('/').collect();
+    let i = segs.iter().rposition(|s| *s == "users")?;
+    match segs[i..] {
+        [_, user, "presences", source] if !user.is_empty() && !source.is_empty() => {
+            Some((user, source))
+        }
+        _ => None,
+    }
+}
+
+/// A presence PATCH body as its bulk entry: `None` when it is not a JSON object (the API
+/// answers it, alone).
+fn bulk_entry(user: &str, source: &str, body: &[u8]) -> Option<serde_json::Value> {
+    let serde_json::Value::Object(sent) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    let mut entry = serde_json::Map::new();
+    entry.insert("id".into(), user.into());
+    entry.insert("sourceId".into(), source.into());
+    for field in ["presenceDefinition", "message", "primary"] {
+        if let Some(v) = sent.get(field) {
+            entry.insert(field.into(), v.clone());
+        }
+    }
+    Some(serde_json::Value::Object(entry))
 }
 
 /// Our own marker error for "retry this attempt".
@@ -365,6 +481,8 @@ impl ProxyHttp for Proxy {
             body_read_up_front: false,
             client_gone: false,
             logged: false,
+            batch: None,
+            _busy: None,
         }
     }
 
@@ -430,6 +548,13 @@ impl ProxyHttp for Proxy {
         let up_front = declared.is_some_and(|n| n > 0 && n <= REPLAY_BUFFER_BYTES);
         if up_front && !expects_continue {
             Self::read_body_up_front(session, ctx).await?;
+        }
+
+        if route.coalesce.is_some()
+            && ctx.body_read_up_front
+            && self.coalesce(session, ctx, &cfg, route).await?
+        {
+            return Ok(true);
         }
 
         ctx.buckets = self.buckets(session, &cfg, route);

@@ -46,6 +46,22 @@ pub struct RouteStatus {
     pub inflight: u64,
     pub requests_total: u64,
     pub rejections_total: u64,
+    /// With `coalesce`: where its updates go in bulk, and how many did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<CoalesceStatus>,
+}
+
+/// A coalescing route's bulk calls.
+#[derive(Serialize, Clone, Debug)]
+pub struct CoalesceStatus {
+    /// The bulk route.
+    pub into: String,
+    pub window_seconds: f64,
+    pub max_batch: usize,
+    /// Updates sent inside bulk calls.
+    pub coalesced_total: u64,
+    /// Bulk calls made.
+    pub batches_total: u64,
 }
 
 /// One budget, in config order. Rates are requests per second.
@@ -128,6 +144,7 @@ fn write_page(h: &mut String, s: &StatusSnapshot) -> fmt::Result {
     )?;
     write_header(h, s)?;
     write_routes(h, &s.routes)?;
+    write_coalescing(h, &s.routes)?;
     write_budgets(h, &s.budgets)?;
     write_throttles(h, &s.recent_throttles)?;
     h.push_str("</body>\n</html>\n");
@@ -201,6 +218,44 @@ fn write_header(h: &mut String, s: &StatusSnapshot) -> fmt::Result {
         )?;
     }
     h.push_str("</header>\n");
+    Ok(())
+}
+
+/// Only when a route coalesces: its bulk route, settings and how full its batches are.
+fn write_coalescing(h: &mut String, routes: &[RouteStatus]) -> fmt::Result {
+    let coalescing: Vec<(&RouteStatus, &CoalesceStatus)> = routes
+        .iter()
+        .filter_map(|r| Some((r, r.coalesce.as_ref()?)))
+        .collect();
+    if coalescing.is_empty() {
+        return Ok(());
+    }
+    h.push_str(
+        "<h2>Coalescing</h2>\n<table id=\"coalescing\">\n<thead><tr><th>route</th><th>into</th>\
+         <th class=\"num\">window</th><th class=\"num\">max batch</th><th class=\"num\">updates in bulk calls</th>\
+         <th class=\"num\">bulk calls</th><th class=\"num\">mean batch</th></tr></thead>\n<tbody>\n",
+    );
+    for (r, c) in coalescing {
+        let mean = if c.batches_total == 0 {
+            "–".to_string()
+        } else {
+            format!("{:.1}", c.coalesced_total as f64 / c.batches_total as f64)
+        };
+        writeln!(
+            h,
+            "<tr class=\"coalesce\" data-route=\"{name}\"><td class=\"name\">{name}</td>\
+             <td class=\"into\">{into}</td><td class=\"window\">{window}</td>\
+             <td class=\"max-batch\">{max_batch}</td><td class=\"coalesced\">{coalesced}</td>\
+             <td class=\"batches\">{batches}</td><td class=\"mean-batch\">{mean}</td></tr>",
+            name = escape_html(&r.name),
+            into = escape_html(&c.into),
+            window = seconds(c.window_seconds),
+            max_batch = c.max_batch,
+            coalesced = c.coalesced_total,
+            batches = c.batches_total,
+        )?;
+    }
+    h.push_str("</tbody>\n</table>\n");
     Ok(())
 }
 
@@ -444,6 +499,13 @@ mod tests {
                     inflight: 3,
                     requests_total: 1234,
                     rejections_total: 5,
+                    coalesce: Some(CoalesceStatus {
+                        into: "presence-bulk".into(),
+                        window_seconds: 0.01,
+                        max_batch: 50,
+                        coalesced_total: 1000,
+                        batches_total: 20,
+                    }),
                 },
                 RouteStatus {
                     name: "default".into(),
@@ -457,6 +519,7 @@ mod tests {
                     inflight: 0,
                     requests_total: 0,
                     rejections_total: 0,
+                    coalesce: None,
                 },
             ],
             budgets: vec![
@@ -528,6 +591,20 @@ mod tests {
         for external in ["<script", "<link", "src=", "http://", "https://"] {
             assert!(!html.contains(external), "page references {external}");
         }
+    }
+
+    #[test]
+    fn a_coalescing_route_shows_its_bulk_route_and_mean_batch() {
+        let html = render_html(&snapshot());
+        let presence = row(&html, "<tr class=\"coalesce\" data-route=\"presence\">");
+        assert!(presence.contains("<td class=\"into\">presence-bulk</td>"));
+        assert!(presence.contains("<td class=\"coalesced\">1000</td>"));
+        assert!(presence.contains("<td class=\"mean-batch\">50.0</td>"));
+        assert!(!html
+            .contains("data-route=\"default\"><td class=\"name\">default</td><td class=\"into\">"));
+        let json = serde_json::to_value(snapshot()).unwrap();
+        assert_eq!(json["routes"][0]["coalesce"]["into"], "presence-bulk");
+        assert!(json["routes"][1].get("coalesce").is_none());
     }
 
     #[test]

@@ -66,6 +66,7 @@ fixtures!(
     admin_token_unset,
     admin_token_empty,
     admin_token_newline,
+    bad_coalesce,
     bad_trusted_proxies,
 );
 

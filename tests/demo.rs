@@ -1,6 +1,7 @@
 //! `shiftgate demo` end to end: the real binary starts its emulators and a proxy child process,
 //! runs a small shift change three ways and prints the comparison. Straight at the emulated API
-//! some updates meet 429s; through shiftgate none do.
+//! some updates meet 429s; through shiftgate none do. Then one token's updates, paced and
+//! coalesced into bulk calls.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -78,6 +79,29 @@ fn the_demo_shows_429s_straight_at_the_api_and_none_through_shiftgate() {
     let wait = row(&stdout, "wait in shiftgate p99");
     assert_eq!(wait[..2], ["n/a", "n/a"], "{stdout}");
     assert_ne!(wait[2], "n/a", "{stdout}");
+
+    // Then one token, paced and coalesced: the same updates in far fewer API requests, none
+    // of them refused.
+    let (_, one_token) = stdout
+        .split_once("One token:")
+        .unwrap_or_else(|| panic!("no one-token part in:\n{stdout}"));
+    let header = one_token
+        .lines()
+        .find(|l| l.contains("paced") && l.contains("coalesced"))
+        .unwrap_or_else(|| panic!("no one-token table in:\n{stdout}"));
+    assert!(header.find("paced") < header.find("coalesced"));
+    assert_eq!(
+        numbers(one_token, "client-visible 429s"),
+        [0, 0],
+        "{stdout}"
+    );
+    assert_eq!(numbers(one_token, "updates lost"), [0, 0], "{stdout}");
+    let api = numbers(one_token, "API requests");
+    assert_eq!(api[0], 40, "paced: one request per update: {stdout}");
+    assert!(
+        api[1] <= 2,
+        "coalesced: 40 updates in bulk calls of 50: {stdout}"
+    );
 
     // The proxy child is gone: nothing listens on the port it printed.
     let url = stdout

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """End-to-end comparison, side by side in one run on this machine: a shift change straight at
-the Genesys emulator, with SDK-style retries, through nginx limit_req and through shiftgate; the
+the Genesys emulator, with SDK-style retries, through nginx limit_req and through shiftgate; one
+token's shift change paced by shiftgate vs coalesced into bulk presence calls; the
 pass-through overhead of shiftgate and nginx proxy_pass; and shiftgate's memory per waiting
 request. Loopback only. Prints Markdown tables and writes target/bench/e2e.json.
 
 Usage: cargo build --release --bin shiftgate --example pingora_baseline &&
-       python3 benches/e2e/compare.py [--quick] [--only=shift-change,pass-through,memory]
+       python3 benches/e2e/compare.py [--quick] [--only=shift-change,one-token,pass-through,memory]
                                       [--before=PATH] [--after=PATH]
 --after: the shiftgate binary to measure (default target/release/shiftgate); it also runs the
 emulator and the load generator, and examples/pingora_baseline is looked for next to it.
@@ -186,10 +187,10 @@ http {{
     return p, port
 
 
-def loadtest(port, agents, loops, sdk_retry=0):
+def loadtest(port, agents, loops, sdk_retry=0, tokens=None):
     out = subprocess.run(
         [BIN, "loadtest", "--target", f"http://127.0.0.1:{port}", "--agents", str(agents),
-         "--loops", str(loops), "--tokens", str(agents), "--timeout", "600s",
+         "--loops", str(loops), "--tokens", str(tokens or agents), "--timeout", "1200s",
          "--sdk-retry", str(sdk_retry), "--json", "--quiet"],
         capture_output=True, text=True, check=True,
     )
@@ -250,6 +251,75 @@ route_limits:
     stop(emu.proc)
     return {"limit": limit_rate, "budget": budget_rate, "agents": agents, "loops": loops,
             "ideal_s": ideal, "rows": rows}
+
+
+def shiftgate_one_token(upstream_port, coalesce):
+    """shiftgate paced by the token's 300/min, its presence updates coalesced into bulk calls
+    (paced by the token and the bulk route's 10/s) or not."""
+    port, admin = free_port(), free_port()
+    more = ', coalesce: { into: presence-bulk, window: "10ms", max_batch: 50 }' if coalesce else ""
+    cfg = write(
+        f"shiftgate-{port}.yaml",
+        f"""listen: "127.0.0.1:{port}"
+admin_listen: "127.0.0.1:{admin}"
+upstreams:
+  api: {{ url: "http://127.0.0.1:{upstream_port}" }}
+budgets:
+  per-token: {{ rate: "300/min", per: token }}
+  presence-bulk: {{ rate: "10/s", per: token }}
+routes:
+  - {{ name: presence, match: {{ method: PATCH, path: "/api/v2/users/{{userId}}/presences/{{sourceId}}" }}, budgets: [per-token], max_wait: "20m"{more} }}
+  - {{ name: presence-bulk, match: {{ method: PUT, path: "/api/v2/users/presences/bulk" }}, budgets: [presence-bulk, per-token] }}
+  - {{ name: default, match: {{ path: "/**" }} }}
+queue:
+  max_depth: 20000
+workers: 2
+""",
+    )
+    p = start([BIN, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
+               "--pid-file", os.path.join(TMP, f"pid-{port}")], f"shiftgate-{port}",
+              env={"RUST_LOG": "warn"})
+    wait_port(port)
+    wait_port(admin)
+    return p, port
+
+
+def one_token(agents, loops):
+    """A shift change under one token (Genesys's 300/min), paced vs coalesced into bulk calls."""
+    emu = Emulator(
+        """token_rate_per_minute: 300
+latency: { min: "20ms", max: "40ms" }
+route_limits:
+  - { name: bulk, method: PUT, path: "/api/v2/users/presences/bulk", limit: "10/s", per: token }
+"""
+    )
+    updates = agents * loops
+    rows = []
+    for name, coalesce, ideal in [
+        ("shiftgate, paced (300/min)", False, updates / 5),
+        ("shiftgate, coalesced into bulk calls", True, -(-updates // 50) / 5),
+    ]:
+        proc, port = shiftgate_one_token(emu.port, coalesce)
+        time.sleep(1.5)
+        emu.reset()
+        s = loadtest(port, agents, loops, tokens=1)
+        st = emu.stats()
+        stop(proc)
+        lat = s.get("latency") or {}
+        rows.append({
+            "way": name,
+            "ideal_s": ideal,
+            "completion_s": s["completion_time_ms"] / 1000,
+            "answered_200": s["by_status"].get("200", 0),
+            "client_429": s["final_429s"],
+            "upstream_429": st["by_status"].get("429", 0),
+            "upstream_requests": st["total_requests"],
+            "p50_ms": lat.get("p50_ms"),
+            "p99_ms": lat.get("p99_ms"),
+        })
+        print(f"  {name}: {rows[-1]}", file=sys.stderr)
+    stop(emu.proc)
+    return {"agents": agents, "loops": loops, "rows": rows}
 
 
 def wrk(port, seconds, conns=50):
@@ -341,6 +411,9 @@ def main():
             results["shift_change"] = shift_change(100, 100, agents, loops)
             print("shift change, budget 50 % above the limit", file=sys.stderr)
             results["over_budget"] = shift_change(100, 150, agents, loops)
+        if wanted("one-token"):
+            print("one token, paced vs coalesced", file=sys.stderr)
+            results["one_token"] = one_token(*((100, 2) if QUICK else (500, 10)))
         if wanted("pass-through"):
             print("pass-through", file=sys.stderr)
             results["pass_through"] = pass_through(5 if QUICK else 15)
@@ -366,6 +439,16 @@ def main():
         for r in sc["rows"]:
             print(f"| {r['way']} | {r['completion_s']:.1f} s | {r['ratio']:.3f} | {r['answered_200']} | "
                   f"{r['client_429']} | {r['sdk_retries']} | {r['upstream_429']} | "
+                  f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
+    if "one_token" in results:
+        ot = results["one_token"]
+        print(f"\n### One token (Genesys's 300/min): {ot['agents']} agents x {ot['loops']} presence updates, "
+              f"bulk calls limited to 10/s\n")
+        print("| way | completion | ideal | 200s | client 429s | upstream 429s | upstream requests | p50 | p99 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in ot["rows"]:
+            print(f"| {r['way']} | {r['completion_s']:.1f} s | {r['ideal_s']:.1f} s | {r['answered_200']} | "
+                  f"{r['client_429']} | {r['upstream_429']} | {r['upstream_requests']} | "
                   f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
     if "pass_through" in results:
         print("\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits)\n")

@@ -315,7 +315,28 @@ pub struct RouteSpec {
     pub budgets: Vec<usize>,
     pub max_wait: Duration,
     pub priority: Priority,
+    /// Send its single updates as bulk calls through another route.
+    pub coalesce: Option<Coalesce>,
 }
+
+/// `routes[].coalesce`: single presence updates sent as bulk calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalesce {
+    /// Index into [`Config::routes`] of the bulk route (`PUT`): its upstream and budgets carry
+    /// the bulk calls.
+    pub into: usize,
+    /// The longest the first update of a batch waits for more.
+    pub window: Duration,
+    /// Updates per bulk call, 1 ..= [`MAX_BATCH`].
+    pub max_batch: usize,
+}
+
+/// Genesys's bulk presence call is assumed to take at most 50 entries (undocumented; the bulk
+/// GETs say "limit 50").
+pub const MAX_BATCH: usize = 50;
+/// `coalesce.window`'s default: long enough to gather a burst's updates, short next to the
+/// 200 ms an update takes upstream.
+pub const DEFAULT_COALESCE_WINDOW: Duration = Duration::from_millis(10);
 
 impl crate::route::Matches for RouteSpec {
     fn method(&self) -> Option<&http::Method> {
@@ -604,6 +625,24 @@ mod tests {
         assert_eq!(host("https://[2001:db8::1]"), "[2001:db8::1]");
         assert_eq!(host("http://127.0.0.1:9000"), "127.0.0.1:9000");
         assert_eq!(host("https://api.mypurecloud.com"), "api.mypurecloud.com");
+    }
+
+    #[test]
+    fn coalesce_names_the_bulk_route_and_takes_its_defaults() {
+        let yaml = format!(
+            "{MINIMAL}    coalesce: {{ into: bulk }}\n  - name: bulk\n    match: {{ method: PUT, path: \"/bulk\" }}\n"
+        )
+        .replacen("path: \"/**\"", "method: PATCH, path: \"/**\"", 1);
+        let c = Config::parse(&yaml).unwrap();
+        assert_eq!(
+            c.routes[0].coalesce,
+            Some(Coalesce {
+                into: 1,
+                window: DEFAULT_COALESCE_WINDOW,
+                max_batch: MAX_BATCH,
+            })
+        );
+        assert_eq!(c.routes[1].coalesce, None);
     }
 
     #[test]

@@ -162,6 +162,18 @@ pub(super) struct RawRoute {
     pub max_wait: Option<String>,
     #[serde(default)]
     pub priority: Option<String>,
+    #[serde(default)]
+    pub coalesce: Option<RawCoalesce>,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(super) struct RawCoalesce {
+    pub into: String,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub max_batch: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -234,7 +246,7 @@ listen: "0.0.0.0:8080"
 tls: { listen: "0.0.0.0:8443", cert: c.pem, key: k.pem }
 upstreams: { "<name>": { url: "https://api.mypurecloud.com" } }
 budgets: { "<name>": { rate: "1/s" } }
-routes: [{ name: r, match: { path: "/**" } }]
+routes: [{ name: r, match: { path: "/**" }, coalesce: { into: b } }]
 cluster: { redis_url: "redis://127.0.0.1/0" }
 "#;
 

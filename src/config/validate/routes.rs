@@ -8,7 +8,10 @@ use indexmap::IndexMap;
 use super::Validator;
 use crate::config::lines::YamlPath;
 use crate::config::raw::{RawBudget, RawRoute, RawUpstream};
-use crate::config::{BudgetSpec, Per, Rate, RouteSpec, Upstream, DEFAULT_MAX_KEYS, MAX_KEYS_CAP};
+use crate::config::{
+    BudgetSpec, Coalesce, Per, Rate, RouteSpec, Upstream, DEFAULT_COALESCE_WINDOW,
+    DEFAULT_MAX_KEYS, MAX_BATCH, MAX_KEYS_CAP,
+};
 use crate::route::{PathTemplate, Priority};
 
 /// What a route may name: the upstreams and budgets that validated, and every name declared (a
@@ -150,7 +153,71 @@ impl Validator<'_> {
             }
             routes.extend(self.route(&at, r, names, max_wait));
         }
+        self.coalesce_targets(raw, &mut routes);
         routes
+    }
+
+    /// Resolves each `coalesce.into` once every route is known: it must name a route of
+    /// `PUT` (the bulk call), not itself, and not one that coalesces in turn.
+    fn coalesce_targets(&mut self, raw: &[RawRoute], routes: &mut [RouteSpec]) {
+        let at = YamlPath::top("routes");
+        let put_routes: Vec<(String, bool)> = routes
+            .iter()
+            .map(|r| (r.name.clone(), r.method == Some(http::Method::PUT)))
+            .collect();
+        for (i, r) in raw.iter().enumerate() {
+            let Some(c) = &r.coalesce else { continue };
+            let at = at.index(i).key("coalesce");
+            let window = self.duration(
+                &at.key("window"),
+                c.window.as_deref(),
+                DEFAULT_COALESCE_WINDOW,
+            );
+            let max_batch = match c.max_batch {
+                Some(n) if !(1..=MAX_BATCH as i64).contains(&n) => {
+                    self.err(
+                        &at.key("max_batch"),
+                        format!("must be from 1 to {MAX_BATCH}, not {n}"),
+                    );
+                    MAX_BATCH
+                }
+                n => n.map_or(MAX_BATCH, |n| n as usize),
+            };
+            let into_at = at.key("into");
+            let into = put_routes.iter().position(|(name, _)| *name == c.into);
+            let into = match into {
+                _ if c.into == r.name => {
+                    self.err(&into_at, "a route cannot coalesce into itself");
+                    None
+                }
+                Some(k) if !put_routes[k].1 => {
+                    self.err(
+                        &into_at,
+                        format!("route \"{}\" must match method PUT (the bulk call)", c.into),
+                    );
+                    None
+                }
+                Some(_) if raw.iter().any(|o| o.name == c.into && o.coalesce.is_some()) => {
+                    self.err(&into_at, format!("route \"{}\" coalesces itself", c.into));
+                    None
+                }
+                Some(k) => Some(k),
+                None if raw.iter().any(|o| o.name == c.into) => None,
+                None => {
+                    self.err(&into_at, format!("unknown route \"{}\"", c.into));
+                    None
+                }
+            };
+            let (Some(into), Some(route)) = (into, routes.iter_mut().find(|x| x.name == r.name))
+            else {
+                continue;
+            };
+            route.coalesce = Some(Coalesce {
+                into,
+                window,
+                max_batch,
+            });
+        }
     }
 
     /// One route, its name aside (its uniqueness is a matter of the whole list).
@@ -211,6 +278,7 @@ impl Validator<'_> {
             budgets,
             max_wait,
             priority,
+            coalesce: None,
         })
     }
 

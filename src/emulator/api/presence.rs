@@ -1,6 +1,6 @@
 //! Presence: PATCH and GET `/api/v2/users/{userId}/presences/{sourceId}`, the bulk PUT.
 //!
-//! `PUT /api/v2/users/presences/bulk` takes at most [`BULK_MAX`] entries and checks them all
+//! `PUT /api/v2/users/presences/bulk` takes 1 to [`BULK_MAX`] entries and checks them all
 //! before it stores any.
 
 use std::time::SystemTime;
@@ -92,9 +92,9 @@ impl ApiState {
         let entries = body
             .as_array()
             .ok_or("The bulk presence body must be a JSON array.")?;
-        if entries.len() > BULK_MAX {
+        if entries.is_empty() || entries.len() > BULK_MAX {
             return Err(format!(
-                "At most {BULK_MAX} presences can be set in one request, got {}.",
+                "From 1 to {BULK_MAX} presences can be set in one request, got {}.",
                 entries.len()
             ));
         }

@@ -57,7 +57,7 @@ async fn bad_bodies_get_a_genesys_400() {
 }
 
 #[tokio::test]
-async fn bulk_presence_takes_at_most_50_entries() {
+async fn bulk_presence_takes_1_to_50_entries() {
     let s = state("");
     let entry = |i: usize| json!({"id": format!("u{i}"), "sourceId": "PURECLOUD", "primary": true, "presenceDefinition": {"id": AVAILABLE}});
     let fifty: Vec<Value> = (0..50).map(entry).collect();
@@ -74,6 +74,8 @@ async fn bulk_presence_takes_at_most_50_entries() {
     .await;
     assert_eq!(got.status, 400);
     assert_eq!(got.code(), "bad.request");
+    let empty = call(&s, Method::PUT, path, bearer("t"), b"[]").await;
+    assert_eq!(empty.status, 400, "an empty batch is refused");
     assert_eq!(
         get(&s, "/api/v2/users/u0/presences/purecloud", "t")
             .await

@@ -79,7 +79,7 @@ route_limits:
                 Method::PUT,
                 "/api/v2/users/presences/bulk",
                 bearer(token),
-                b"[]",
+                br#"[{"id":"u1","primary":true}]"#,
             )
             .await
         }
