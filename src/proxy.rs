@@ -22,7 +22,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::bulk::{self, Busy, Update};
+use crate::bulk::{self, Busy, Coalescer, Update};
 use crate::config::{Config, Per, RouteSpec};
 use crate::digest::{key_hash, token_key};
 use crate::hygiene::check_head;
@@ -39,6 +39,8 @@ pub const REPLAY_BUFFER_BYTES: usize = 64 * 1024;
 
 pub struct Proxy {
     pub state: Arc<State>,
+    /// The batches of routes with `coalesce`, per token, and their senders.
+    pub coalescer: Coalescer,
 }
 
 /// Per-request state. What belongs to one upstream attempt is in `AttemptState`; the gauges
@@ -202,11 +204,7 @@ impl Proxy {
             entry,
             authorization,
         };
-        let (rx, busy) = match self
-            .state
-            .coalescer()
-            .submit(&self.state, cfg, route, key, update)
-        {
+        let (rx, busy) = match self.coalescer.submit(&self.state, cfg, route, key, update) {
             Ok(queued) => queued,
             Err(rejection) => {
                 let a = LocalResponse::refused(&route.name, route.max_wait, &rejection);

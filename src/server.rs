@@ -16,6 +16,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::bulk::Coalescer;
 use crate::config::{Config, MAX_ATTEMPTS_CAP};
 use crate::edge::Edge;
 use crate::proxy::Proxy;
@@ -118,6 +119,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         &server.configuration,
         Proxy {
             state: state.clone(),
+            coalescer: Coalescer::default(),
         },
     );
     let mut proxy = Service::new("shiftgate proxy".to_string(), Edge::new(app, state.clone()));

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::bulk::Coalescer;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pacer::{BucketKey, Pacer, CLUSTER_PACING_GUARD, PACING_GUARD};
@@ -27,7 +26,6 @@ pub struct State {
     config: ArcSwap<Config>,
     config_path: PathBuf,
     pacer: Pacer,
-    coalescer: Coalescer,
     metrics: Arc<Metrics>,
     resolver: Resolver,
     /// The HTTPS listener's certificate, when it was started with `tls`.
@@ -88,7 +86,6 @@ impl State {
         let state = Arc::new(State {
             config_path,
             pacer,
-            coalescer: Coalescer::default(),
             metrics,
             resolver: Resolver::default(),
             cert: config
@@ -119,10 +116,6 @@ impl State {
 
     pub fn pacer(&self) -> &Pacer {
         &self.pacer
-    }
-
-    pub fn coalescer(&self) -> &Coalescer {
-        &self.coalescer
     }
 
     pub fn metrics(&self) -> &Metrics {
