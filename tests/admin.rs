@@ -10,6 +10,8 @@
 //! Run with `--test-threads=1`: the timings leave slack for a shared machine, not for a
 //! second test.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use shiftgate::config::Config;
 use shiftgate::state::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use common::raw::{read_answer, RawAnswer};
 
 /// A config with one budget whose rate tells which file is in force.
 fn config(rate: &str, extra: &str) -> String {
@@ -82,46 +86,9 @@ impl Admin {
 }
 
 /// One HTTP/1.1 answer: status, head (lower-cased) and body.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-/// Reads one answer from `s`: the head, then `Content-Length` bytes of body. `None` when the
-/// connection closes (or fails) first, or after 5 s.
-async fn read_answer(s: &mut TcpStream) -> Option<Answer> {
-    let mut buf = Vec::new();
-    let read = async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if buf.len() >= end + 4 + len {
-                    let status = head.split(' ').nth(1)?.parse().ok()?;
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                    return Some(Answer { status, head, body });
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .ok()
-        .flatten()
-}
 
 /// Sends `request` on a new connection and reads the answer.
-async fn exchange(addr: SocketAddr, request: &[u8]) -> Option<Answer> {
+async fn exchange(addr: SocketAddr, request: &[u8]) -> Option<RawAnswer> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     read_answer(&mut s).await

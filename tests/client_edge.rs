@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::raw::read_answer;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -67,55 +68,6 @@ fn config(limits: &str) -> ProxyConfig {
 }
 
 const GET: &[u8] = b"GET /api/v2/users/me HTTP/1.1\r\nHost: proxy\r\n\r\n";
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    /// Lower-cased.
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        let prefix = format!("{}:", name.to_ascii_lowercase());
-        self.head
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .map(str::trim)
-    }
-}
-
-/// Reads one answer: the head, then `Content-Length` bytes of body. `None` when the connection
-/// closes (or fails) first, or after 5 s.
-async fn read_answer(s: &mut (impl AsyncRead + Unpin)) -> Option<Answer> {
-    let mut buf = Vec::new();
-    let read = async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
-                if buf.len() >= end + 4 + len {
-                    let status = head.split(' ').nth(1)?.parse().ok()?;
-                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                    return Some(Answer { status, head, body });
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .ok()
-        .flatten()
-}
 
 /// A request on `s` and its answer's status.
 async fn status_of(s: &mut (impl AsyncRead + AsyncWrite + Unpin), request: &[u8]) -> Option<u16> {

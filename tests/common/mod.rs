@@ -6,6 +6,7 @@
 //! - [`config`]: [`ProxyConfig`], the one place a proxy's config.yaml is written.
 //! - [`proxy`]: [`ProxyProcess`], the binary as a child process: logs, signals, an upgrade's new
 //!   process, metrics, config replaced by rename.
+//! - [`raw`]: [`raw::read_answer`], one answer read off a raw stream.
 //! - [`redis`]: [`redis::Redis`], a real redis-server on a reserved port.
 //! - [`presence`]: the presence API's paths, bodies and definition id; a presence-limited
 //!   emulator.
@@ -20,6 +21,7 @@ pub mod html;
 pub mod presence;
 pub mod prom;
 pub mod proxy;
+pub mod raw;
 pub mod redis;
 pub mod wait;
 
@@ -35,7 +37,10 @@ use shiftgate::loadtest::client::{AgentConnection, Answer, ClientError, Outgoing
 use shiftgate::loadtest::{Endpoint, LoadSpec, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+// Not every test file uses both.
+#[allow(unused_imports)]
 pub use config::ProxyConfig;
+#[allow(unused_imports)]
 pub use proxy::ProxyProcess;
 
 /// One emulator on a runtime of its own (one thread): it stands for a remote API, so its arrival
