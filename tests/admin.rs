@@ -85,8 +85,6 @@ impl Admin {
     }
 }
 
-/// One HTTP/1.1 answer: status, head (lower-cased) and body.
-
 /// Sends `request` on a new connection and reads the answer.
 async fn exchange(addr: SocketAddr, request: &[u8]) -> Option<RawAnswer> {
     let mut s = TcpStream::connect(addr).await.unwrap();
