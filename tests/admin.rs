@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use shiftgate::admin::{self, AdminLimits, MAX_BODY_BYTES, MAX_CONNECTIONS};
 use shiftgate::config::Config;
 use shiftgate::state::State;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::raw::{read_answer, RawAnswer};
+use common::raw::{closed_within, read_answer, RawAnswer};
 
 /// A config with one budget whose rate tells which file is in force.
 fn config(rate: &str, extra: &str) -> String {
@@ -100,21 +100,6 @@ fn reload_request(len: usize) -> Vec<u8> {
         .into_bytes();
     r.resize(r.len() + len, b'x');
     r
-}
-
-/// Waits until the peer closes `s` (or resets it); returns how long that took, `None` when it
-/// is still open after `limit`. Bytes it sends first are appended to `got`.
-async fn closed_within(s: &mut TcpStream, limit: Duration, got: &mut Vec<u8>) -> Option<Duration> {
-    let t = Instant::now();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let left = limit.checked_sub(t.elapsed())?;
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
-            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

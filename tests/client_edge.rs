@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::raw::read_answer;
+use common::raw::{closed_within, read_answer};
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use shiftgate::harness::ReservedPort;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// An upstream answering every request `200 {}`; stopped on drop.
@@ -73,21 +73,6 @@ const GET: &[u8] = b"GET /api/v2/users/me HTTP/1.1\r\nHost: proxy\r\n\r\n";
 async fn status_of(s: &mut (impl AsyncRead + AsyncWrite + Unpin), request: &[u8]) -> Option<u16> {
     s.write_all(request).await.ok()?;
     read_answer(s).await.map(|a| a.status)
-}
-
-/// Waits until the peer closes `s` (or resets it); how long that took, `None` when it is still
-/// open after `limit`. Bytes it sends first are appended to `got`.
-async fn closed_within(s: &mut TcpStream, limit: Duration, got: &mut Vec<u8>) -> Option<Duration> {
-    let t = Instant::now();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let left = limit.checked_sub(t.elapsed())?;
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
-            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 /// Writes `rest` a byte every 50 ms until the connection is closed; how long after the first

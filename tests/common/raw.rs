@@ -1,9 +1,10 @@
 //! One HTTP/1.1 answer read off a raw stream, for the tests that write their requests by hand
 //! (the admin listener's limits, the client edge's timers and cap).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
 
 /// An answer as read off the wire.
 #[derive(Debug)]
@@ -53,4 +54,23 @@ pub async fn read_answer(s: &mut (impl AsyncRead + Unpin)) -> Option<RawAnswer> 
         .await
         .ok()
         .flatten()
+}
+
+/// Waits until the peer closes `s` (or resets it); how long that took, `None` when it is still
+/// open after `limit`. Bytes it sends first are appended to `got`.
+pub async fn closed_within(
+    s: &mut TcpStream,
+    limit: Duration,
+    got: &mut Vec<u8>,
+) -> Option<Duration> {
+    let t = Instant::now();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = limit.checked_sub(t.elapsed())?;
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
