@@ -7,8 +7,9 @@
 //! - [`server`]: wiring: Pingora services, signals (drain, upgrade, reload), the early exit;
 //!   [`notify`]: systemd's readiness message; [`health`]: `shiftgate health`, the probe of
 //!   `/readyz` that containers run.
-//! - [`edge`]: every client connection before Pingora's HTTP handling: the connection cap, the
-//!   request head and keep-alive idle timers.
+//! - [`edge`]: every client connection before Pingora's HTTP handling, in a task of its own:
+//!   the connection cap, the request head and keep-alive idle timers, and a paced request's
+//!   wait for its slot, before Pingora builds its per-request state.
 //! - [`admin`]: the admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`, reload);
 //!   [`status_page`]: the page and JSON it shows; [`reload`]: all-or-nothing config reload.
 //! - [`proxy`]: the Pingora `ProxyHttp` implementation, the only module that knows `Session`:
@@ -30,6 +31,8 @@
 //! - [`retry`]: the retry policy for upstream 429s, 5xx and connect failures.
 //! - [`budget`]: the pacing algorithm of one bucket (GCRA over integer nanoseconds).
 //! - [`shared_budget`]: the seam to the budget state replicas share (Redis, or in memory).
+//! - [`admission`]: what a request is charged to (its route's buckets), from Pingora's parsed
+//!   head or, at the edge, from the raw one; [`access`]: the access line.
 //! - [`route`]: path templates, first-match routing, the upstream path and header rewrite;
 //!   [`hygiene`]: what a request head must be before it is routed (a bounded size);
 //!   [`forwarded`]: the client's address behind `trusted_proxies` (X-Forwarded-For).
@@ -52,7 +55,9 @@
 //! - [`harness`]: the emulator on a thread of its own and the real binary as a child process,
 //!   on reserved loopback ports: what the demo and the end-to-end tests start.
 
+pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod budget;
 pub mod bulk;
 pub mod coalesce;

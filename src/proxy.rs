@@ -22,13 +22,16 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::access;
+use crate::admission::{bucket_keys, Admitted};
 use crate::bulk::{self, Busy, Coalescer, Update};
-use crate::config::{Config, Per, RouteSpec};
-use crate::digest::{key_hash, token_key};
+use crate::config::{Config, RouteSpec};
+use crate::digest::token_key;
+use crate::edge::Deadlined;
 use crate::hygiene::check_head;
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
-use crate::pacer::{BucketKey, Demand, Ticket};
+use crate::pacer::{BucketKey, Closed, Demand, Grant, Ticket};
 use crate::retry::{self, Attempt, GiveUp, Outcome, Verdict};
 use crate::route::{find_route, hop_by_hop_headers, normalize_path, upstream_path};
 use crate::state::{ActiveRequest, State};
@@ -59,6 +62,8 @@ pub struct Ctx {
     buckets: Vec<BucketKey>,
     /// Waiting for slots: its place in the queue and in the queue-depth gauge.
     queued: Option<Queued>,
+    /// Its first attempt's slots, when it waited for them at the client edge.
+    edge_outcome: Option<Result<Grant, Closed>>,
     /// The attempt in flight.
     attempt: Option<AttemptState>,
     /// Set when the last attempt is to be retried: how the next attempt waits.
@@ -104,23 +109,24 @@ impl Ctx {
     fn route<'a>(&self, cfg: &'a Config) -> Option<&'a RouteSpec> {
         self.route.map(|i| &cfg.routes[i])
     }
+
+    /// The route's name as a metric label (`NO_ROUTE_LABEL` before one is found).
+    fn route_label(&self) -> &str {
+        match (&self.config, self.route) {
+            (Some(cfg), Some(i)) => &cfg.routes[i].name,
+            _ => NO_ROUTE_LABEL,
+        }
+    }
 }
 
 impl Proxy {
-    fn route_label(&self, ctx: &Ctx) -> String {
-        match (&ctx.config, ctx.route) {
-            (Some(cfg), Some(i)) => cfg.routes[i].name.clone(),
-            _ => NO_ROUTE_LABEL.to_string(),
-        }
-    }
-
     /// Writes one of the proxy's own answers and counts it.
     async fn answer(&self, session: &mut Session, ctx: &mut Ctx, answer: LocalResponse) {
-        let route = self.route_label(ctx);
+        let route = ctx.route_label();
         self.state
             .metrics()
             .rejections_total
-            .with_label_values(&[route.as_str(), answer.reason.label()])
+            .with_label_values(&[route, answer.reason.label()])
             .inc();
         ctx.reason = Some(answer.reason);
         let body = answer.body();
@@ -151,31 +157,6 @@ impl Proxy {
         {
             tracing::debug!(error = %e, "client left during the answer");
         }
-    }
-
-    /// The buckets a request of `route` is charged to.
-    fn buckets(&self, session: &Session, cfg: &Config, route: &RouteSpec) -> Vec<BucketKey> {
-        let headers = &session.req_header().headers;
-        let header = |name: &str| headers.get(name).map_or(&[][..], |v| v.as_bytes());
-        let client_ip = || {
-            client_ip(session, cfg)
-                .map(|ip| ip.to_string())
-                .unwrap_or_default()
-        };
-        route
-            .budgets
-            .iter()
-            .map(|&i| {
-                let b = &cfg.budgets[i];
-                let key = match &b.per {
-                    Per::Global => None,
-                    Per::Token => Some(token_key(header("authorization"))),
-                    Per::ClientIp => Some(key_hash(client_ip().as_bytes())),
-                    Per::Header(h) => Some(key_hash(header(h))),
-                };
-                self.state.pacer().bucket_key(&b.name, key)
-            })
-            .collect()
     }
 
     /// A presence update of a coalescing route waits for its batch's answer. `Ok(true)`: it was
@@ -283,7 +264,7 @@ impl Proxy {
         self.state
             .metrics()
             .client_disconnects_total
-            .with_label_values(&[self.route_label(ctx).as_str()])
+            .with_label_values(&[ctx.route_label()])
             .inc();
         Error::explain(ErrorType::ConnectionClosed, "client left while waiting")
     }
@@ -313,7 +294,7 @@ impl Proxy {
         self.state
             .metrics()
             .upstream_duration_seconds
-            .with_label_values(&[self.route_label(ctx).as_str()])
+            .with_label_values(&[ctx.route_label()])
             .observe(d.as_secs_f64());
         attempt.granted_at
     }
@@ -350,12 +331,12 @@ impl Proxy {
                 self.state
                     .metrics()
                     .retries_total
-                    .with_label_values(&[self.route_label(ctx).as_str(), reason])
+                    .with_label_values(&[ctx.route_label(), reason])
                     .inc();
             }
         }
         if let Verdict::GiveUp(why) = verdict {
-            tracing::info!(route = %self.route_label(ctx), attempts = ctx.attempts, "not retrying: {why}");
+            tracing::info!(route = %ctx.route_label(), attempts = ctx.attempts, "not retrying: {why}");
         }
         verdict
     }
@@ -467,6 +448,7 @@ impl ProxyHttp for Proxy {
             target: String::new(),
             buckets: Vec::new(),
             queued: None,
+            edge_outcome: None,
             attempt: None,
             pending_retry: None,
             waited: Duration::ZERO,
@@ -486,9 +468,16 @@ impl ProxyHttp for Proxy {
 
     /// Phase 1 (default: nothing): path, route, size, admission. `Ok(true)` means answered here.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Dropped on any early answer below: a slot it holds is given back.
+        let admitted = edge_admission(session);
+        if let Some(a) = &admitted {
+            ctx.arrived = a.arrived;
+        }
         let cfg = self.state.config();
         ctx.config = Some(cfg.clone());
-        if self.state.is_draining() {
+        // New requests are refused while draining; one queued at the edge before it began is
+        // served in the drain, as one queued here would be.
+        if self.state.is_draining() && admitted.is_none() {
             let a = LocalResponse::new(Reason::ShuttingDown, SHUTTING_DOWN)
                 .retry_after(Duration::from_secs(1));
             self.answer(session, ctx, a).await;
@@ -555,8 +544,18 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         }
 
-        ctx.buckets = self.buckets(session, &cfg, route);
-        if !ctx.buckets.is_empty() {
+        let headers = &session.req_header().headers;
+        let header = |name: &str| headers.get(name).map_or(&[][..], |v| v.as_bytes());
+        ctx.buckets = bucket_keys(self.state.pacer(), &cfg, route, header, || {
+            client_ip(session, &cfg)
+        });
+        let at_edge = admitted.filter(|a| {
+            Arc::ptr_eq(&a.config, &cfg) && a.route == route_index && a.buckets == ctx.buckets
+        });
+        if let Some(admitted) = at_edge {
+            // Queued and waited at the edge already.
+            ctx.edge_outcome = Some(admitted.outcome);
+        } else if !ctx.buckets.is_empty() {
             let demand = Demand {
                 buckets: ctx.buckets.clone(),
                 priority: route.priority,
@@ -646,9 +645,14 @@ impl ProxyHttp for Proxy {
         }
 
         let mut granted_at = None;
-        if let Some(mut queued) = ctx.queued.take() {
-            let waited = Self::unless_client_leaves(session, queued.ticket.granted()).await;
-            drop(queued);
+        let waited = match (ctx.edge_outcome.take(), ctx.queued.take()) {
+            (Some(outcome), _) => Some(Some(outcome)),
+            (None, Some(mut queued)) => {
+                Some(Self::unless_client_leaves(session, queued.ticket.granted()).await)
+            }
+            (None, None) => None,
+        };
+        if let Some(waited) = waited {
             match waited {
                 None => return Err(self.client_left(ctx)),
                 Some(Err(_closed)) => {
@@ -791,11 +795,11 @@ impl ProxyHttp for Proxy {
             return Ok(());
         }
         let granted_at = self.end_attempt(ctx);
-        let route = self.route_label(ctx);
+        let route = ctx.route_label();
         self.state
             .metrics()
             .upstream_responses_total
-            .with_label_values(&[route.as_str(), status.to_string().as_str()])
+            .with_label_values(&[route, status.to_string().as_str()])
             .inc();
         if status != 429 && !ctx.buckets.is_empty() {
             if let Some(granted_at) = granted_at {
@@ -813,7 +817,7 @@ impl ProxyHttp for Proxy {
         if status == 429 && !ctx.buckets.is_empty() {
             let granted_at = granted_at.unwrap_or_else(tokio::time::Instant::now);
             self.state
-                .upstream_throttled(&route, &ctx.buckets, retry_after, granted_at);
+                .upstream_throttled(route, &ctx.buckets, retry_after, granted_at);
         }
         match self.judge(session, ctx, Outcome::Status(status, retry_after)) {
             Verdict::Retry { .. } => Err(retry_error(status)),
@@ -961,53 +965,42 @@ impl ProxyHttp for Proxy {
         ctx.active = None;
         self.end_attempt(ctx);
         ctx.queued = None;
-        let route = self.route_label(ctx);
+        let route = ctx.route_label();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let m = self.state.metrics();
         if status > 0 && !ctx.client_gone {
             m.requests_total
-                .with_label_values(&[route.as_str(), status.to_string().as_str()])
+                .with_label_values(&[route, status.to_string().as_str()])
                 .inc();
             m.request_duration_seconds
-                .with_label_values(&[route.as_str()])
+                .with_label_values(&[route])
                 .observe(ctx.arrived.elapsed().as_secs_f64());
         } else if !ctx.client_gone && ctx.route.is_some() {
             // Pingora saw the client go during the answer.
-            m.client_disconnects_total
-                .with_label_values(&[route.as_str()])
-                .inc();
+            m.client_disconnects_total.with_label_values(&[route]).inc();
         }
         let correlation = session
             .response_written()
             .and_then(|r| r.headers.get("inin-correlation-id"))
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
+            .and_then(|v| v.to_str().ok());
         let cfg = ctx.config.clone().unwrap_or_else(|| self.state.config());
-        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
-        let client = client_ip(session, &cfg);
         let req = session.req_header();
-        // `client`: the address budgets `per: client_ip` use (X-Forwarded-For behind
-        // `trusted_proxies`), `peer`: the socket's; `bytes_in`/`bytes_out`: body bytes read
-        // from and sent to the client; `duration_ms`: arrival to the end of the answer.
-        tracing::info!(
-            target: "shiftgate::access",
-            client = %client.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-            peer = %peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
-            route = %route,
-            method = %req.method,
-            path = %req.uri.path(),
+        access::log(&access::Line {
+            client: client_ip(session, &cfg),
+            peer: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            route,
+            method: req.method.as_str(),
+            path: req.uri.path(),
             status,
-            duration_ms = ctx.arrived.elapsed().as_millis() as u64,
-            bytes_in = session.body_bytes_read() as u64,
-            bytes_out = session.body_bytes_sent() as u64,
-            wait_ms = ctx.waited.as_millis() as u64,
-            attempts = ctx.attempts,
-            upstream_ms = ctx.upstream_time.as_millis() as u64,
-            correlation_id = %correlation,
-            error = e.map(|e| e.etype().as_str()),
-            "request"
-        );
+            duration: ctx.arrived.elapsed(),
+            bytes_in: session.body_bytes_read() as u64,
+            bytes_out: session.body_bytes_sent() as u64,
+            wait: ctx.waited,
+            attempts: ctx.attempts,
+            upstream: ctx.upstream_time,
+            correlation_id: correlation,
+            error: e.map(|e| e.etype().as_str()),
+        });
     }
 
     /// Retries are counted and logged by the policy; Pingora's own warning would repeat them.
@@ -1025,6 +1018,15 @@ impl ProxyHttp for Proxy {
         // Our own answers and clients that left are logged once, on the access line.
         ctx.reason.is_some() || ctx.client_gone
     }
+}
+
+/// The request's admission at the client edge, when it waited there (see [`crate::edge`]).
+fn edge_admission(session: &Session) -> Option<Admitted> {
+    let stream = session.as_downstream().stream()?;
+    stream
+        .as_any()
+        .downcast_ref::<Deadlined<pingora::protocols::Stream>>()?
+        .take_admitted()
 }
 
 /// The client's address (see [`crate::forwarded::client_ip`]): the socket peer, or behind
