@@ -2,14 +2,16 @@
 """End-to-end comparison, side by side in one run on this machine: a shift change straight at
 the Genesys emulator, with SDK-style retries, through nginx limit_req and through shiftgate; one
 token's shift change paced by shiftgate vs coalesced into bulk presence calls; the
-pass-through overhead of shiftgate and nginx proxy_pass; and shiftgate's memory per waiting
-request. Loopback only. Prints Markdown tables and writes target/bench/e2e.json.
+pass-through overhead of shiftgate and nginx proxy_pass; the latency each adds at a constant
+request rate; and the memory per waiting request of shiftgate and of nginx limit_req. Loopback
+only. Prints Markdown tables and writes target/bench/e2e.json.
 
-Usage: cargo build --release --bin shiftgate --example pingora_baseline &&
-       python3 benches/e2e/compare.py [--quick] [--only=shift-change,one-token,pass-through,memory]
-                                      [--before=PATH] [--after=PATH]
---after: the shiftgate binary to measure (default target/release/shiftgate); it also runs the
-emulator and the load generator, and examples/pingora_baseline is looked for next to it.
+Usage: cargo build --release --bin shiftgate --example pingora_baseline --example constant_rate &&
+       python3 benches/e2e/compare.py [--quick] [--before=PATH] [--after=PATH]
+                                      [--only=shift-change,one-token,pass-through,latency,memory]
+--after: the shiftgate binary to measure (default target/release/shiftgate, under
+$CARGO_TARGET_DIR instead of target/ when that is set); it also runs the emulator and the load
+generator, and examples/pingora_baseline and examples/constant_rate are looked for next to it.
 --before: a second shiftgate binary (e.g. a build of the code before a change); the shift-change
 and pass-through shiftgate rows are then measured for both in the same run, one after the other,
 labelled "shiftgate (before)" and "shiftgate (after)".
@@ -38,13 +40,21 @@ def option(name):
 for arg in sys.argv[1:]:
     if arg != "--quick" and not arg.startswith(("--only=", "--before=", "--after=")):
         sys.exit(f"unknown argument {arg!r}\n{__doc__}")
-BIN = os.path.abspath(option("after") or os.path.join(ROOT, "target", "release", "shiftgate"))
+# Where cargo put the build: the same variable cargo reads, so one export serves both.
+TARGET_DIR = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
+BIN = os.path.abspath(option("after") or os.path.join(TARGET_DIR, "release", "shiftgate"))
 BEFORE = os.path.abspath(option("before")) if option("before") is not None else None
 # The shiftgate binaries whose rows are measured, as (label, path): one, or "before" and "after".
 SHIFTGATES = ([("shiftgate (before)", BEFORE), ("shiftgate (after)", BIN)] if BEFORE
               else [("shiftgate", BIN)])
 QUICK = "--quick" in sys.argv
 ONLY = option("only").split(",") if option("only") is not None else None
+
+
+def example(name):
+    """An example binary: cargo puts it in release/examples; a copy may sit beside shiftgate."""
+    candidates = [os.path.join(os.path.dirname(BIN), d, name) for d in ("examples", "")]
+    return next((c for c in candidates if os.path.exists(c)), None)
 
 
 def wanted(part):
@@ -172,6 +182,8 @@ http {{
   upstream emu {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}
   server {{
     listen 127.0.0.1:{port};
+    # Requests in progress ("Writing"), including those limit_req delays: the memory part's count.
+    location = /_nginx_status {{ stub_status; }}
     location / {{
       {limit}
       proxy_pass http://emu;
@@ -348,9 +360,7 @@ def pass_through(seconds):
             p, port, _ = shiftgate(emu.port, None, workers=1, log=log, binary=binary)
             rows.append({"way": f"{label}, {variant}", **wrk(port, seconds)})
             stop(p)
-    # Cargo puts examples in target/release/examples; a copied binary may sit beside shiftgate.
-    candidates = [os.path.join(os.path.dirname(BIN), d, "pingora_baseline") for d in ("examples", "")]
-    baseline = next((c for c in candidates if os.path.exists(c)), None)
+    baseline = example("pingora_baseline")
     if baseline:
         port = free_port()
         p = start([baseline, f"127.0.0.1:{port}", f"127.0.0.1:{emu.port}"], "pingora-baseline")
@@ -363,37 +373,134 @@ def pass_through(seconds):
     return rows
 
 
-def memory(waiting):
+NGINX_WAY = "nginx proxy_pass, 1 worker"
+PINGORA_WAY = "Pingora 0.9.1 with no hooks, 1 thread"
+
+
+def constant_rate(port, rate, seconds, warmup):
+    """examples/constant_rate: open loop, latency counted from each request's due time."""
+    out = subprocess.run(
+        [example("constant_rate"), "--target", f"127.0.0.1:{port}", "--rate", str(rate),
+         "--seconds", str(seconds), "--warmup", str(warmup)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def latency(rates, seconds, warmup):
+    """p50/p99/p99.9 at a constant, non-saturating rate, straight at the emulator and through
+    each proxy, one after another; all of them are started first and stay up (idle) meanwhile."""
     emu = Emulator("token_rate_per_minute: 0\n")
+    ng, nginx_port = nginx(emu.port, None, workers=1)
+    baseline_port = free_port()
+    baseline = start([example("pingora_baseline"), f"127.0.0.1:{baseline_port}", f"127.0.0.1:{emu.port}"],
+                     "pingora-baseline")
+    wait_port(baseline_port)
+    ways, procs = [("emulator directly (reference)", emu.port), (NGINX_WAY, nginx_port),
+                   (PINGORA_WAY, baseline_port)], [ng, baseline]
+    for label, binary in SHIFTGATES:
+        p, port, _ = shiftgate(emu.port, None, workers=1, binary=binary)
+        ways.append((f"{label}, 1 worker (access log on, the default)", port))
+        procs.append(p)
+    rows = []
+    for rate in rates:
+        for way, port in ways:
+            rows.append({"way": way, **constant_rate(port, rate, seconds, warmup)})
+            print(f"  {rows[-1]}", file=sys.stderr)
+    for p in procs:
+        stop(p)
+    stop(emu.proc)
+    for r in rows:
+        for key, ref in [("pingora", PINGORA_WAY), ("nginx", NGINX_WAY)]:
+            base = next(x for x in rows if x["rate"] == r["rate"] and x["way"] == ref)
+            r[f"added_p99_over_{key}_ms"] = r["p99_ms"] - base["p99_ms"]
+    return rows
+
+
+def hold(port, waiting):
+    """`waiting` clients, each with its own connection and one presence PATCH."""
+    return subprocess.Popen(
+        [BIN, "loadtest", "--target", f"http://127.0.0.1:{port}", "--agents", str(waiting), "--loops", "1",
+         "--tokens", "10", "--timeout", "600s", "--json", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def loaded_rss(pid, waiting, count):
+    """Once `count()` has reached (nearly) `waiting` and had a second to settle: (RSS, count)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and count() < waiting - 5:
+        time.sleep(0.5)
+    time.sleep(1)
+    return rss_kib(pid), count()
+
+
+def memory_row(way, waiting, idle, loaded, depth):
+    row = {"way": way, "waiting": depth, "rss_idle_kib": idle, "rss_loaded_kib": loaded,
+           "kib_per_waiting_request": (loaded - idle) / max(depth, 1)}
+    print(f"  {row}", file=sys.stderr)
+    return row
+
+
+def memory_shiftgate(emu, waiting):
     # 1/s and a wait of up to 5 h: every request stays queued for the measurement.
     p, port, admin = shiftgate(emu.port, "1/s", workers=2, max_wait="5h")
     # warm: a few requests through, then the idle footprint
     loadtest(port, 2, 1)
     time.sleep(1)
     idle = rss_kib(p.pid)
-    lt = subprocess.Popen(
-        [BIN, "loadtest", "--target", f"http://127.0.0.1:{port}", "--agents", str(waiting), "--loops", "1",
-         "--tokens", "10", "--timeout", "600s", "--json", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    depth = 0
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        depth = http("GET", f"http://127.0.0.1:{admin}/status.json")["queue_depth"]
-        if depth >= waiting - 5:
-            break
-        time.sleep(0.5)
-    time.sleep(1)
-    loaded = rss_kib(p.pid)
-    depth = http("GET", f"http://127.0.0.1:{admin}/status.json")["queue_depth"]
+    lt = hold(port, waiting)
+    loaded, depth = loaded_rss(
+        p.pid, waiting, lambda: http("GET", f"http://127.0.0.1:{admin}/status.json")["queue_depth"])
     lt.kill()
     lt.wait()
     stop(p)
+    return memory_row("shiftgate, 2 workers, budget 1/s", waiting, idle, loaded, depth)
+
+
+def nginx_worker(master):
+    """The pid of nginx's worker process: the master's child (its ppid, in /proc/PID/stat)."""
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if ppid == master:
+                return int(pid)
+        time.sleep(0.1)
+    raise RuntimeError(f"nginx master {master} has no worker")
+
+
+def memory_nginx(emu, waiting):
+    # The same queueing as shiftgate's: 1 r/s, the excess delayed (burst=20000, no nodelay).
+    p, port = nginx(emu.port, 1, workers=1)
+    worker = nginx_worker(p.pid)
+    loadtest(port, 2, 1)
+    time.sleep(1)
+    idle = rss_kib(worker)
+    lt = hold(port, waiting)
+
+    def in_progress():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_nginx_status", timeout=10) as r:
+            # "Writing" counts every request past its header, the delayed ones and this one.
+            return int(re.search(rb"Writing: (\d+)", r.read()).group(1)) - 1
+    loaded, depth = loaded_rss(worker, waiting, in_progress)
+    lt.kill()
+    lt.wait()
+    stop(p)
+    return memory_row("nginx limit_req 1 r/s, burst=20000, 1 worker", waiting, idle, loaded, depth)
+
+
+def memory(waiting):
+    """RSS per waiting request: shiftgate's queue and nginx limit_req's delay, held the same way."""
+    emu = Emulator("token_rate_per_minute: 0\n")
+    rows = [memory_shiftgate(emu, waiting), memory_nginx(emu, waiting)]
     stop(emu.proc)
-    row = {"waiting": depth, "rss_idle_kib": idle, "rss_loaded_kib": loaded,
-           "kib_per_waiting_request": (loaded - idle) / max(depth, 1)}
-    print(f"  {row}", file=sys.stderr)
-    return row
+    return rows
 
 
 def main():
@@ -401,6 +508,10 @@ def main():
         sys.exit(f"build first: cargo build --release (no {BIN})")
     if BEFORE and not os.path.isfile(BEFORE):
         sys.exit(f"--before: no such file {BEFORE}")
+    if wanted("latency"):
+        for name in ("constant_rate", "pingora_baseline"):
+            if not example(name):
+                sys.exit(f"build first: cargo build --release --example {name} (none beside {BIN})")
     agents, loops = (100, 5) if QUICK else (500, 10)
     results = {"machine": {"cpus": os.cpu_count()}, "quick": QUICK}
     if BEFORE:
@@ -417,6 +528,9 @@ def main():
         if wanted("pass-through"):
             print("pass-through", file=sys.stderr)
             results["pass_through"] = pass_through(5 if QUICK else 15)
+        if wanted("latency"):
+            print("latency at a constant rate", file=sys.stderr)
+            results["latency"] = latency([1000] if QUICK else [1000, 5000], *((5, 1) if QUICK else (15, 3)))
         if wanted("memory"):
             print("memory", file=sys.stderr)
             results["memory"] = memory(1000 if QUICK else 10000)
@@ -456,12 +570,38 @@ def main():
         print("|---|---|---|---|")
         for r in results["pass_through"]:
             print(f"| {r['way']} | {r['rps']:.0f} | {r['p99_ms']:.2f} ms | {r['non_2xx']} |")
+    if "latency" in results:
+        lat = results["latency"]
+        print(f"\n### Latency at a constant rate (open loop, {lat[0]['seconds']:.0f} s per row, "
+              f"GET, emulator upstream without limits)\n")
+        print("| way | rate | achieved | p50 | p99 | p99.9 | added p99 over bare Pingora | added p99 over nginx |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in lat:
+            added = [("—" if r["way"] == ref else f"{r[key]:+.3f} ms")
+                     for key, ref in [("added_p99_over_pingora_ms", PINGORA_WAY),
+                                      ("added_p99_over_nginx_ms", NGINX_WAY)]]
+            print(f"| {r['way']} | {r['rate']:.0f}/s | {r['achieved_rate']:.0f}/s | {r['p50_ms']:.3f} ms | "
+                  f"{r['p99_ms']:.3f} ms | {r['p99_9_ms']:.3f} ms | {added[0]} | {added[1]} |")
+        print()
+        for r in lat:
+            if r["errors"]:
+                print(f"{r['way']} at {r['rate']:.0f}/s: {r['errors']} errors of {r['sent']}")
+            # The generator's own lateness is inside every latency: when it is large, the row
+            # measures a busy machine more than the proxy.
+            if r["send_lag_p99_ms"] > 0.1:
+                print(f"{r['way']} at {r['rate']:.0f}/s: the load generator itself sent "
+                      f"{r['send_lag_p99_ms']:.3f} ms late at p99 (the machine was busy)")
+            if r["way"].startswith("shiftgate"):
+                added = r["added_p99_over_pingora_ms"]
+                print(f"{r['way']} at {r['rate']:.0f}/s adds {added:.3f} ms at p99 over bare Pingora: "
+                      f"goal ≤ 0.2 ms {'met' if added <= 0.2 else 'NOT met'}")
     if "memory" not in results:
         return
-    m = results["memory"]
-    print(f"\n### Memory\n\n| waiting requests | RSS idle | RSS with them waiting | per waiting request |\n|---|---|---|---|\n"
-          f"| {m['waiting']} | {m['rss_idle_kib'] / 1024:.1f} MiB | {m['rss_loaded_kib'] / 1024:.1f} MiB | "
-          f"{m['kib_per_waiting_request']:.1f} KiB |")
+    print("\n### Memory\n\n| way | waiting requests | RSS idle | RSS with them waiting | per waiting request |\n"
+          "|---|---|---|---|---|")
+    for m in results["memory"]:
+        print(f"| {m['way']} | {m['waiting']} | {m['rss_idle_kib'] / 1024:.1f} MiB | "
+              f"{m['rss_loaded_kib'] / 1024:.1f} MiB | {m['kib_per_waiting_request']:.1f} KiB |")
 
 
 if __name__ == "__main__":
