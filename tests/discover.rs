@@ -1,11 +1,16 @@
 //! `shiftgate discover` against the emulator: limits it is not told are found within 10 %,
 //! every user is left as found, 429s stay few, the config passes `check`, and the secret never
 //! shows. Each test runs the real binary against an emulator with limits of its own.
+//!
+//! The limits are small on purpose: discovery ramps from 1 request/s and puts users back at
+//! half the slowest limit found, so its run time grows with a limit's size, not its window.
+//! Only the limit the org limits API lists per minute keeps a minute's window.
 
 #[allow(unused_imports)]
 mod common;
 
 use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
 use http::Method;
@@ -14,6 +19,10 @@ use shiftgate::harness::EmulatorRuntime;
 
 const SECRET: &str = "s3cret-never-printed-7f3a";
 const BUSY: &str = "31fe3bac-dea6-44b7-bed7-47f91660a1a0";
+const PRESENCE: &str = "/api/v2/users/{u}/presences/{s}";
+/// The users a run may touch: the two set Busy by [`prepare`] and one more. Users are put back
+/// at half the slowest limit found, often 1 a second: each one costs a test that long.
+const USERS: &str = "3";
 
 /// An emulator that knows one client, accepts only the tokens it issued, lists 12 users, and
 /// enforces `limits` (YAML lines).
@@ -24,18 +33,32 @@ async fn org(limits: &str) -> EmulatorRuntime {
     .await
 }
 
-struct Outcome {
-    code: i32,
-    json: Value,
-    stdout: String,
-    stderr: String,
+/// YAML lines for an org with no per-token limit, no limits API, and these route limits on
+/// `method` `path`: (name, limit, per).
+fn route_limits(method: &str, path: &str, limits: &[(&str, &str, &str)]) -> String {
+    let mut yaml = String::from("token_rate_per_minute: 0\nlimits_api: false\nroute_limits:\n");
+    for (name, limit, per) in limits {
+        yaml.push_str(&format!(
+            "  - {{ name: {name}, method: {method}, path: \"{path}\", limit: \"{limit}\", per: {per} }}\n"
+        ));
+    }
+    yaml
 }
 
-async fn discover(emulator: &EmulatorRuntime, extra: &[&str], dir: &Path) -> Outcome {
+/// The binary with `args`, the secret in `var` (absent when `secret` is `None`).
+async fn shiftgate(args: &[&str], var: &str, secret: Option<&str>) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"));
+    command.args(args).env_remove(var);
+    if let Some(secret) = secret {
+        command.env(var, secret);
+    }
+    command.output().await.expect("the binary runs")
+}
+
+/// `discover`'s arguments against `emulator` with the test client, before any of a test's own.
+fn discover_args(emulator: &EmulatorRuntime, var: &str) -> Vec<String> {
     let url = format!("http://{}", emulator.local_addr());
-    let config = dir.join("config.yaml");
-    let report = dir.join("report.html");
-    let mut args = vec![
+    [
         "discover",
         "--api",
         &url,
@@ -44,44 +67,126 @@ async fn discover(emulator: &EmulatorRuntime, extra: &[&str], dir: &Path) -> Out
         "--client-id",
         "app",
         "--client-secret-env",
-        "DISCOVER_TEST_SECRET",
-        "--users-from-api",
-        "10",
-        "--json",
-        "--config",
-        config.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .args(&args)
-        .env("DISCOVER_TEST_SECRET", SECRET)
-        .output()
-        .await
-        .expect("the binary runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    let json = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
-    Outcome {
-        code: output.status.code().unwrap_or(-1),
-        json,
-        stdout,
-        stderr,
-    }
+        var,
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
-fn limit<'a>(json: &'a Value, scope: &str) -> &'a Value {
-    json["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["scope"] == scope)
-        .unwrap_or_else(|| panic!("no {scope} limit in {json}"))
+struct Outcome {
+    code: i32,
+    json: Value,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn of(output: &Output) -> Outcome {
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        Outcome {
+            code: output.status.code().unwrap_or(-1),
+            json: serde_json::from_str(stdout.trim()).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+        }
+    }
+
+    fn limit(&self, scope: &str) -> &Value {
+        self.json["limits"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no limits in {}: {}", self.stdout, self.stderr))
+            .iter()
+            .find(|l| l["scope"] == scope)
+            .unwrap_or_else(|| panic!("no {scope} limit in {}", self.json))
+    }
+
+    /// The `scope` limit was measured (not a lower bound) as `requests` per `window_s`, each
+    /// within 10 %; returns it for further checks.
+    fn assert_measured(&self, scope: &str, requests: f64, window_s: f64) -> &Value {
+        let found = self.limit(scope);
+        assert_eq!(found["lower_bound"], false, "{scope}: {}", self.json);
+        assert!(
+            within_10_percent(found["requests"].as_f64().unwrap(), requests),
+            "{scope}: {found}, not {requests} requests"
+        );
+        assert!(
+            within_10_percent(found["window_s"].as_f64().unwrap(), window_s),
+            "{scope}: {found}, not a {window_s} s window"
+        );
+        assert!(
+            within_10_percent(found["per_second"].as_f64().unwrap(), requests / window_s),
+            "{scope}: {found}"
+        );
+        found
+    }
+
+    fn assert_lower_bound(&self, scope: &str) {
+        let found = self.limit(scope);
+        assert_eq!(
+            found["lower_bound"], true,
+            "no {scope} limit exists: {found}"
+        );
+    }
+
+    fn count(&self, field: &str) -> u64 {
+        self.json[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {field} in {}: {}", self.stdout, self.stderr))
+    }
+
+    fn assert_secret_kept(&self) {
+        for text in [&self.stdout, &self.stderr] {
+            assert!(!text.contains(SECRET), "the secret was printed");
+            assert!(!text.contains("access_token"), "a token answer was printed");
+        }
+    }
 }
 
 fn within_10_percent(found: f64, truth: f64) -> bool {
     (found - truth).abs() <= 0.1 * truth
+}
+
+/// Runs `discover --json` on the [`USERS`] first users of `emulator`, writing the config and
+/// the report into `dir`, with `extra` arguments.
+async fn discover(emulator: &EmulatorRuntime, extra: &[&str], dir: &Path) -> Outcome {
+    let config = dir.join("config.yaml");
+    let report = dir.join("report.html");
+    let mut args = discover_args(emulator, "DISCOVER_TEST_SECRET");
+    args.extend(
+        [
+            "--users-from-api",
+            USERS,
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ]
+        .map(str::to_string),
+    );
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = Outcome::of(&shiftgate(&args, "DISCOVER_TEST_SECRET", Some(SECRET)).await);
+    eprintln!(
+        "found {} with {} requests, {} 429s, {} of {} users restored",
+        out.json["limits"],
+        out.json["requests_sent"],
+        out.json["upstream_429s"],
+        out.json["users_restored"],
+        out.json["users_touched"]
+    );
+    out
+}
+
+/// An emulator with `limits`, users 0 and 1 Busy, and `discover` run on it with `extra`
+/// arguments; asserts everything any run must do ([`assert_gentle_and_tidy`]).
+async fn discover_on(limits: &str, extra: &[&str]) -> (EmulatorRuntime, Outcome) {
+    let emulator = org(limits).await;
+    prepare(&emulator).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = discover(&emulator, extra, dir.path()).await;
+    assert_gentle_and_tidy(&emulator, &out, dir.path()).await;
+    (emulator, out)
 }
 
 /// What every run must do whatever the limits: one JSON object, the secret nowhere, every
@@ -93,50 +198,19 @@ async fn assert_gentle_and_tidy(emulator: &EmulatorRuntime, out: &Outcome, dir: 
         "stdout is one JSON object: {}",
         out.stdout
     );
-    eprintln!(
-        "found {} with {} requests, {} 429s, {} of {} users restored",
-        out.json["limits"],
-        out.json["requests_sent"],
-        out.json["upstream_429s"],
-        out.json["users_restored"],
-        out.json["users_touched"]
-    );
-    for text in [&out.stdout, &out.stderr] {
-        assert!(!text.contains(SECRET), "the secret was printed");
-        assert!(!text.contains("access_token"), "a token answer was printed");
-    }
-    let touched = out.json["users_touched"].as_u64().unwrap();
+    out.assert_secret_kept();
+    let touched = out.count("users_touched");
     assert!(touched > 0);
-    assert_eq!(out.json["users_restored"].as_u64().unwrap(), touched);
-    let refused = out.json["upstream_429s"].as_u64().unwrap();
+    assert_eq!(out.count("users_restored"), touched);
+    let refused = out.count("upstream_429s");
     assert!(refused <= 20, "a few 429s at most: {refused}");
-    let stats = emulator.stats();
     assert_eq!(
-        stats.status_count(429),
+        emulator.stats().status_count(429),
         refused,
         "every 429 the emulator sent is counted"
     );
-    assert!(out.json["requests_sent"].as_u64().unwrap() <= 2000);
-    // Users 0 and 1 were Busy with a message: they still are.
-    for i in [0usize, 1] {
-        let path = format!(
-            "/api/v2/users/{}/presences/purecloud",
-            shiftgate::loadtest::user_id(i)
-        );
-        let token = mint(emulator).await;
-        let answer = common::request(
-            emulator.local_addr(),
-            Method::GET,
-            &path,
-            &[("Authorization", &format!("Bearer {token}"))],
-            "",
-        )
-        .await
-        .unwrap();
-        let presence: Value = serde_json::from_slice(&answer.body).unwrap();
-        assert_eq!(presence["presenceDefinition"]["id"], BUSY, "user {i}");
-        assert_eq!(presence["message"], format!("lunch {i}"), "user {i}");
-    }
+    assert!(out.count("requests_sent") <= 2000);
+    assert_busy_as_prepared(emulator).await;
     let config = std::fs::read_to_string(dir.join("config.yaml")).unwrap();
     assert_eq!(config, out.json["config"].as_str().unwrap());
     let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
@@ -196,134 +270,140 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
-/// Presence for users 0 and 1 set to Busy before the run, with an issued token.
-async fn prepare(emulator: &EmulatorRuntime) {
+/// A user's state at `path` (presence or routing status), read with a fresh token; or, with a
+/// body, set to it (asserting 200).
+async fn user_state(
+    emulator: &EmulatorRuntime,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
     let token = mint(emulator).await;
-    for i in [0usize, 1] {
-        let path = format!(
-            "/api/v2/users/{}/presences/purecloud",
-            shiftgate::loadtest::user_id(i)
-        );
-        let body = json!({"presenceDefinition": {"id": BUSY}, "message": format!("lunch {i}")});
-        let answer = common::request(
-            emulator.local_addr(),
-            Method::PATCH,
-            &path,
-            &[
-                ("Authorization", &format!("Bearer {token}")),
-                ("Content-Type", "application/json"),
-            ],
-            body.to_string(),
-        )
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![("Authorization", auth.as_str())];
+    if body.is_some() {
+        headers.push(("Content-Type", "application/json"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let answer = common::request(emulator.local_addr(), method, path, &headers, body)
         .await
         .unwrap();
-        assert_eq!(answer.status, 200);
+    assert_eq!(answer.status, 200, "{path}");
+    serde_json::from_slice(&answer.body).unwrap_or(Value::Null)
+}
+
+fn presence_path(i: usize) -> String {
+    format!(
+        "/api/v2/users/{}/presences/purecloud",
+        shiftgate::loadtest::user_id(i)
+    )
+}
+
+/// Presence for users 0 and 1 set to Busy with a message before the run.
+async fn prepare(emulator: &EmulatorRuntime) {
+    for i in [0usize, 1] {
+        let body = json!({"presenceDefinition": {"id": BUSY}, "message": format!("lunch {i}")});
+        user_state(emulator, Method::PATCH, &presence_path(i), Some(body)).await;
     }
     emulator.reset_stats();
 }
 
-const PRESENCE: &str = "/api/v2/users/{u}/presences/{s}";
+/// Users 0 and 1 are Busy with the message [`prepare`] gave them.
+async fn assert_busy_as_prepared(emulator: &EmulatorRuntime) {
+    for i in [0usize, 1] {
+        let presence = user_state(emulator, Method::GET, &presence_path(i), None).await;
+        assert_eq!(presence["presenceDefinition"]["id"], BUSY, "user {i}");
+        assert_eq!(presence["message"], format!("lunch {i}"), "user {i}");
+    }
+}
 
+/// 15 per 7 s is reached inside one token's first window, early enough that `Retry-After` pins
+/// it; 10 a second is more than that token ever sends in a second, so only many tokens meet it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_token_window_and_an_org_per_second_limit_are_told_apart() {
-    let emulator = org(&format!(
-        "token_rate_per_minute: 0\nlimits_api: false\nroute_limits:\n  - {{ name: per-token, method: PATCH, path: \"{PRESENCE}\", limit: \"30/10s\", per: token }}\n  - {{ name: org, method: PATCH, path: \"{PRESENCE}\", limit: \"40/s\", per: org }}\n"
-    ))
-    .await;
-    prepare(&emulator).await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = discover(&emulator, &[], dir.path()).await;
-    assert_gentle_and_tidy(&emulator, &out, dir.path()).await;
-    let token = limit(&out.json, "token");
-    assert_eq!(token["lower_bound"], false, "{}", out.json);
-    assert!(
-        within_10_percent(token["per_second"].as_f64().unwrap(), 3.0),
-        "{token}"
+    let limits = route_limits(
+        "PATCH",
+        PRESENCE,
+        &[("per-token", "15/7s", "token"), ("org", "10/s", "org")],
     );
-    assert_eq!(token["window_s"], 10.0, "{token}");
-    let org = limit(&out.json, "org");
-    assert_eq!(org["lower_bound"], false, "{}", out.json);
-    assert!(
-        within_10_percent(org["per_second"].as_f64().unwrap(), 40.0),
-        "{org}"
-    );
-    assert_eq!(org["window_s"], 1.0, "{org}");
+    let (_emulator, out) = discover_on(&limits, &[]).await;
+    out.assert_measured("token", 15.0, 7.0);
+    out.assert_measured("org", 10.0, 1.0);
     assert_eq!(
         out.json["endpoint"],
         "PATCH /api/v2/users/{userId}/presences/purecloud"
     );
 }
 
+/// The one minute-long window: Genesys's limits API lists the per-token limit per minute. The
+/// request cap leaves the token's 41 requests their share and ends the org's ramp early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_per_minute_token_limit_is_measured_and_the_org_is_a_lower_bound() {
-    let emulator = org("token_rate_per_minute: 40\nlimit_in_429: true\n").await;
-    prepare(&emulator).await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = discover(&emulator, &["--max-requests", "300"], dir.path()).await;
-    assert_gentle_and_tidy(&emulator, &out, dir.path()).await;
-    let token = limit(&out.json, "token");
-    assert_eq!(token["lower_bound"], false, "{}", out.json);
-    assert!(
-        within_10_percent(token["requests"].as_f64().unwrap(), 40.0),
-        "{token}"
-    );
-    assert!(
-        within_10_percent(token["window_s"].as_f64().unwrap(), 60.0),
-        "{token}"
-    );
+    let (_emulator, out) = discover_on(
+        "token_rate_per_minute: 40\nlimit_in_429: true\n",
+        &["--max-requests", "90"],
+    )
+    .await;
+    let token = out.assert_measured("token", 40.0, 60.0);
     assert_eq!(token["source"], "both", "{token}");
+    assert_eq!(token["listed"], 40, "{token}");
     assert_eq!(token["agrees"], true, "{token}");
     assert_eq!(token["key"], "token.rate.per.minute", "{token}");
-    let org = limit(&out.json, "org");
-    assert_eq!(org["lower_bound"], true, "no org limit exists: {org}");
-    assert!(out.json["requests_sent"].as_u64().unwrap() <= 300);
+    out.assert_lower_bound("org");
+    assert!(out.count("requests_sent") <= 90);
+}
+
+/// [`prepare`]'s two PATCHes count in the org's first window, so its limit is measured in a
+/// later one: the window is short enough for discovery to reach one within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_only_limit_with_a_four_second_window_is_found_without_the_limits_api() {
+    let limits = route_limits("PATCH", PRESENCE, &[("org", "30/4s", "org")]);
+    let (_emulator, out) = discover_on(&limits, &[]).await;
+    out.assert_measured("org", 30.0, 4.0);
+    out.assert_lower_bound("token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_org_only_limit_with_a_five_second_window_is_found_without_the_limits_api() {
-    let emulator = org(&format!(
-        "token_rate_per_minute: 0\nlimits_api: false\nroute_limits:\n  - {{ name: org, method: PATCH, path: \"{PRESENCE}\", limit: \"100/5s\", per: org }}\n"
-    ))
-    .await;
-    prepare(&emulator).await;
+async fn routing_status_is_measured_and_every_user_put_back() {
+    let path = "/api/v2/users/{u}/routingstatus";
+    let limits = route_limits("PUT", path, &[("per-token", "20/4s", "token")]);
+    let emulator = org(&limits).await;
+    // User 0 starts IDLE: it must be IDLE again at the end.
+    let user = shiftgate::loadtest::user_id(0);
+    let path = format!("/api/v2/users/{user}/routingstatus");
+    let idle = json!({"userId": user, "status": "IDLE"});
+    user_state(&emulator, Method::PUT, &path, Some(idle)).await;
+    emulator.reset_stats();
     let dir = tempfile::tempdir().unwrap();
-    let out = discover(&emulator, &[], dir.path()).await;
-    assert_gentle_and_tidy(&emulator, &out, dir.path()).await;
-    let org = limit(&out.json, "org");
-    assert_eq!(org["lower_bound"], false, "{}", out.json);
-    assert!(
-        within_10_percent(org["requests"].as_f64().unwrap(), 100.0),
-        "{org}"
+    let out = discover(
+        &emulator,
+        &["--endpoint", "routing-status", "--max-requests", "80"],
+        dir.path(),
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.assert_secret_kept();
+    assert_eq!(
+        out.json["endpoint"],
+        "PUT /api/v2/users/{userId}/routingstatus"
     );
-    assert!(
-        within_10_percent(org["window_s"].as_f64().unwrap(), 5.0),
-        "{org}"
-    );
-    assert_eq!(limit(&out.json, "token")["lower_bound"], true);
+    out.assert_measured("token", 20.0, 4.0);
+    assert!(out.count("users_touched") > 0);
+    assert_eq!(out.count("users_restored"), out.count("users_touched"));
+    assert!(out.count("requests_sent") <= 80);
+    let status = user_state(&emulator, Method::GET, &path, None).await;
+    assert_eq!(status["status"], "IDLE");
+    let config = out.json["config"].as_str().unwrap();
+    assert!(config.contains("name: routing-status"), "{config}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_prints_the_plan_and_sends_nothing() {
     let emulator = org("").await;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("http://{}", emulator.local_addr());
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .args([
-            "discover",
-            "--api",
-            &url,
-            "--login",
-            &url,
-            "--client-id",
-            "app",
-            "--client-secret-env",
-            "DISCOVER_TEST_SECRET",
-            "--dry-run",
-        ])
-        .env("DISCOVER_TEST_SECRET", SECRET)
-        .output()
-        .await
-        .unwrap();
+    let mut args = discover_args(&emulator, "DISCOVER_TEST_SECRET");
+    args.push("--dry-run".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = shiftgate(&args, "DISCOVER_TEST_SECRET", Some(SECRET)).await;
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -332,115 +412,21 @@ async fn a_dry_run_prints_the_plan_and_sends_nothing() {
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(emulator.stats().total_requests, 0, "nothing was sent");
-    drop(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_exits_1_and_a_missing_secret_variable_exits_2() {
     let emulator = org("").await;
-    let url = format!("http://{}", emulator.local_addr());
-    let run = |secret: Option<&'static str>| {
-        let url = url.clone();
-        async move {
-            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"));
-            command.args([
-                "discover",
-                "--api",
-                &url,
-                "--login",
-                &url,
-                "--client-id",
-                "app",
-                "--client-secret-env",
-                "DISCOVER_TEST_SECRET_2",
-                "--json",
-            ]);
-            command.env_remove("DISCOVER_TEST_SECRET_2");
-            if let Some(secret) = secret {
-                command.env("DISCOVER_TEST_SECRET_2", secret);
-            }
-            command.output().await.unwrap()
-        }
-    };
-    let wrong = run(Some("wrong-secret")).await;
+    let mut args = discover_args(&emulator, "DISCOVER_TEST_SECRET_2");
+    args.push("--json".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wrong = shiftgate(&args, "DISCOVER_TEST_SECRET_2", Some("wrong-secret")).await;
     assert_eq!(wrong.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("login refused"));
-    assert!(!String::from_utf8_lossy(&wrong.stderr).contains("wrong-secret"));
-    let missing = run(None).await;
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("login refused"), "{stderr}");
+    assert!(!stderr.contains("wrong-secret"));
+    let missing = shiftgate(&args, "DISCOVER_TEST_SECRET_2", None).await;
     assert_eq!(missing.status.code(), Some(2));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routing_status_is_measured_and_every_user_put_back() {
-    let emulator = org(
-        "token_rate_per_minute: 0\nlimits_api: false\nroute_limits:\n  - { name: per-token, method: PUT, path: \"/api/v2/users/{u}/routingstatus\", limit: \"20/4s\", per: token }\n",
-    )
-    .await;
-    // User 0 starts IDLE: it must be IDLE again at the end.
-    let token = mint(&emulator).await;
-    let path = format!(
-        "/api/v2/users/{}/routingstatus",
-        shiftgate::loadtest::user_id(0)
-    );
-    let answer = common::request(
-        emulator.local_addr(),
-        Method::PUT,
-        &path,
-        &[
-            ("Authorization", &format!("Bearer {token}")),
-            ("Content-Type", "application/json"),
-        ],
-        json!({"userId": shiftgate::loadtest::user_id(0), "status": "IDLE"}).to_string(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(answer.status, 200);
-    emulator.reset_stats();
-    let dir = tempfile::tempdir().unwrap();
-    let out = discover(
-        &emulator,
-        &["--endpoint", "routing-status", "--max-requests", "250"],
-        dir.path(),
-    )
-    .await;
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    eprintln!(
-        "found {} with {} requests, {} 429s, {} of {} users restored",
-        out.json["limits"],
-        out.json["requests_sent"],
-        out.json["upstream_429s"],
-        out.json["users_restored"],
-        out.json["users_touched"]
-    );
-    assert_eq!(
-        out.json["endpoint"],
-        "PUT /api/v2/users/{userId}/routingstatus"
-    );
-    let token_limit = limit(&out.json, "token");
-    assert_eq!(token_limit["lower_bound"], false, "{}", out.json);
-    assert!(
-        within_10_percent(token_limit["requests"].as_f64().unwrap(), 20.0),
-        "{token_limit}"
-    );
-    assert!(
-        within_10_percent(token_limit["window_s"].as_f64().unwrap(), 4.0),
-        "{token_limit}"
-    );
-    assert_eq!(out.json["users_restored"], out.json["users_touched"]);
-    let token = mint(&emulator).await;
-    let answer = common::request(
-        emulator.local_addr(),
-        Method::GET,
-        &path,
-        &[("Authorization", &format!("Bearer {token}"))],
-        "",
-    )
-    .await
-    .unwrap();
-    let status: Value = serde_json::from_slice(&answer.body).unwrap();
-    assert_eq!(status["status"], "IDLE");
-    let config = out.json["config"].as_str().unwrap();
-    assert!(config.contains("name: routing-status"), "{config}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,31 +434,18 @@ async fn ctrl_c_stops_the_experiment_and_still_restores_every_user() {
     // No limit at all: the experiment would ramp for a long while.
     let emulator = org("token_rate_per_minute: 0\n").await;
     prepare(&emulator).await;
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("http://{}", emulator.local_addr());
+    let mut args = discover_args(&emulator, "DISCOVER_TEST_SECRET");
+    args.extend(["--users-from-api", USERS, "--json"].map(str::to_string));
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .args([
-            "discover",
-            "--api",
-            &url,
-            "--login",
-            &url,
-            "--client-id",
-            "app",
-            "--client-secret-env",
-            "DISCOVER_TEST_SECRET",
-            "--users-from-api",
-            "10",
-            "--json",
-        ])
+        .args(&args)
         .env("DISCOVER_TEST_SECRET", SECRET)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the experiment is under way: PATCHes arrive.
+    // Wait until the experiment is under way: PATCHes arrive, for every user.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while emulator.stats().count("presence_patch", 200) < 20 {
+    while emulator.stats().count("presence_patch", 200) < 5 {
         assert!(
             std::time::Instant::now() < deadline,
             "the experiment never started"
@@ -485,42 +458,35 @@ async fn ctrl_c_stops_the_experiment_and_still_restores_every_user() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let output = child.wait_with_output().await.unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    let json: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(json["interrupted"], true);
-    let touched = json["users_touched"].as_u64().unwrap();
+    let out = Outcome::of(&child.wait_with_output().await.unwrap());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json["interrupted"], true, "{}", out.stdout);
+    let touched = out.count("users_touched");
     assert!(touched > 0);
-    assert_eq!(json["users_restored"].as_u64().unwrap(), touched);
-    let out = Outcome {
-        code: 0,
-        json,
-        stdout,
-        stderr,
-    };
+    assert_eq!(out.count("users_restored"), touched);
     // Users as found; the config and report are not written on this run.
-    for i in [0usize, 1] {
-        let path = format!(
-            "/api/v2/users/{}/presences/purecloud",
-            shiftgate::loadtest::user_id(i)
-        );
-        let token = mint(&emulator).await;
-        let answer = common::request(
-            emulator.local_addr(),
-            Method::GET,
-            &path,
-            &[("Authorization", &format!("Bearer {token}"))],
-            "",
-        )
-        .await
-        .unwrap();
-        let presence: Value = serde_json::from_slice(&answer.body).unwrap();
-        assert_eq!(presence["presenceDefinition"]["id"], BUSY, "user {i}");
-    }
-    assert!(!out.stdout.contains(SECRET) && !out.stderr.contains(SECRET));
-    drop(dir);
+    assert_busy_as_prepared(&emulator).await;
+    out.assert_secret_kept();
+}
+
+/// `loadtest`'s arguments against `target` with the test client.
+fn loadtest_args<'a>(target: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "loadtest",
+        "--target",
+        target,
+        "--client-id",
+        "app",
+        "--client-secret-env",
+        "DISCOVER_TEST_SECRET",
+        "--users-from-api",
+        "4",
+        "--agents",
+        "4",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,35 +494,21 @@ async fn loadtest_against_a_real_org_uses_its_tokens_users_and_definitions_and_r
     let emulator = org("").await;
     prepare(&emulator).await;
     let url = format!("http://{}", emulator.local_addr());
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .args([
-            "loadtest",
-            "--target",
-            &url,
-            "--client-id",
-            "app",
-            "--client-secret-env",
-            "DISCOVER_TEST_SECRET",
-            "--users-from-api",
-            "4",
-            "--agents",
-            "4",
-            "--loops",
-            "3",
-            "--tokens",
-            "2",
-            "--json",
-        ])
-        .env("DISCOVER_TEST_SECRET", SECRET)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(output.status.success(), "{stderr}");
-    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
-    assert!(stderr.contains("4 of 4 users restored"), "{stderr}");
-    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    let output = shiftgate(
+        &loadtest_args(&url, &["--loops", "3", "--tokens", "2"]),
+        "DISCOVER_TEST_SECRET",
+        Some(SECRET),
+    )
+    .await;
+    let out = Outcome::of(&output);
+    assert!(output.status.success(), "{}", out.stderr);
+    assert!(!out.stdout.contains(SECRET) && !out.stderr.contains(SECRET));
+    assert!(
+        out.stderr.contains("4 of 4 users restored"),
+        "{}",
+        out.stderr
+    );
+    let summary = &out.json;
     assert_eq!(
         summary["by_status"]["200"], 12,
         "issued tokens are accepted: {summary}"
@@ -573,25 +525,7 @@ async fn loadtest_against_a_real_org_uses_its_tokens_users_and_definitions_and_r
         0,
         "real definition ids only"
     );
-    for i in [0usize, 1] {
-        let token = mint(&emulator).await;
-        let path = format!(
-            "/api/v2/users/{}/presences/purecloud",
-            shiftgate::loadtest::user_id(i)
-        );
-        let answer = common::request(
-            emulator.local_addr(),
-            Method::GET,
-            &path,
-            &[("Authorization", &format!("Bearer {token}"))],
-            "",
-        )
-        .await
-        .unwrap();
-        let presence: Value = serde_json::from_slice(&answer.body).unwrap();
-        assert_eq!(presence["presenceDefinition"]["id"], BUSY, "user {i}");
-        assert_eq!(presence["message"], format!("lunch {i}"), "user {i}");
-    }
+    assert_busy_as_prepared(&emulator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,22 +552,7 @@ async fn the_org_client_speaks_https_trusting_the_systems_roots() {
     let _proxy = common::ProxyProcess::start(&config, emulator.local_addr()).await;
     let url = format!("https://localhost:{}", port.port());
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shiftgate"))
-        .args([
-            "loadtest",
-            "--target",
-            &url,
-            "--client-id",
-            "app",
-            "--client-secret-env",
-            "DISCOVER_TEST_SECRET",
-            "--users-from-api",
-            "4",
-            "--agents",
-            "4",
-            "--loops",
-            "2",
-            "--json",
-        ])
+        .args(loadtest_args(&url, &["--loops", "2"]))
         .env("DISCOVER_TEST_SECRET", SECRET)
         .env("SSL_CERT_FILE", &cert)
         .output()
