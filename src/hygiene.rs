@@ -14,7 +14,11 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The proxy's answer to a head it will not route, if it is one.
 pub fn check_head(uri: &Uri, headers: &HeaderMap) -> Option<LocalResponse> {
-    let size = uri.to_string().len()
+    // The target as it came (origin-form: its path and query; absolute-form: all of it).
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let size = target
         + headers
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)

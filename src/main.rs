@@ -87,6 +87,9 @@ enum Command {
     Demo(shiftgate::demo::DemoArgs),
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn config_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("SHIFTGATE_CONFIG").map(PathBuf::from))
@@ -103,7 +106,9 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(shiftgate::access::MakeLogWriter);
+    shiftgate::access::start_flusher();
+    shiftgate::access::set_json(matches!(format, LogFormat::Json));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

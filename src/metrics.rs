@@ -62,6 +62,16 @@ pub const LISTENERS: [&str; 2] = ["plain", "tls"];
 /// The `route` label of requests that matched no route.
 pub const NO_ROUTE_LABEL: &str = "none";
 
+/// A status code as a label value, made once per code (`"200"`, `"429"`): labelling a request
+/// allocates nothing. Codes past 999 (which HTTP does not have) read `"other"`.
+pub fn status_label(code: u16) -> &'static str {
+    static LABELS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| (0..1000).map(|c| c.to_string()).collect());
+    LABELS
+        .get(usize::from(code))
+        .map_or("other", String::as_str)
+}
+
 /// Every `reason` of `shiftgate_rejections_total`, one per answer the proxy makes itself
 /// (`local_response::Reason::label`). `overloaded` is answered before a request is read, so it
 /// is counted under the route [`NO_ROUTE_LABEL`].

@@ -33,7 +33,9 @@ use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
 use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Closed, Demand, Grant, Ticket};
 use crate::retry::{self, Attempt, GiveUp, Outcome, Verdict};
-use crate::route::{find_route, hop_by_hop_headers, normalize_path, upstream_path};
+use crate::route::{
+    connection_named_headers, find_route, normalize_path, upstream_path, HOP_BY_HOP,
+};
 use crate::state::{ActiveRequest, State};
 use crate::throttle::{self, RetryWait};
 
@@ -388,10 +390,14 @@ impl Proxy {
 }
 
 fn add_shiftgate_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
-    let _ = resp.insert_header("X-Shiftgate-Wait-Ms", ctx.waited.as_millis().to_string());
-    let _ = resp.insert_header("X-Shiftgate-Attempts", ctx.attempts.to_string());
+    let waited = u64::try_from(ctx.waited.as_millis()).unwrap_or(u64::MAX);
+    let _ = resp.insert_header("X-Shiftgate-Wait-Ms", http::HeaderValue::from(waited));
+    let _ = resp.insert_header(
+        "X-Shiftgate-Attempts",
+        http::HeaderValue::from(ctx.attempts),
+    );
     if let Some(batch) = ctx.batch {
-        let _ = resp.insert_header("X-Shiftgate-Batch", batch.to_string());
+        let _ = resp.insert_header("X-Shiftgate-Batch", http::HeaderValue::from(batch));
     }
 }
 
@@ -687,21 +693,24 @@ impl ProxyHttp for Proxy {
         }
 
         let upstream = &cfg.upstreams[route.upstream];
-        let addrs = match self
-            .state
-            .resolver()
-            .resolve(&upstream.host, upstream.port)
-            .await
-        {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(upstream = %upstream.name, error = %e, "upstream address unknown");
-                ctx.reason = Some(Reason::UpstreamUnreachable);
-                return Error::e_explain(ErrorType::ConnectError, e.to_string());
-            }
+        let addr = match upstream.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, upstream.port),
+            Err(_) => match self
+                .state
+                .resolver()
+                .resolve(&upstream.host, upstream.port)
+                .await
+            {
+                // Spread attempts over the addresses; a retry after a failed connect takes
+                // the next.
+                Ok(addrs) => addrs[(ctx.attempts as usize) % addrs.len()],
+                Err(e) => {
+                    tracing::error!(upstream = %upstream.name, error = %e, "upstream address unknown");
+                    ctx.reason = Some(Reason::UpstreamUnreachable);
+                    return Error::e_explain(ErrorType::ConnectError, e.to_string());
+                }
+            },
         };
-        // Spread attempts over the addresses; a retry after a failed connect takes the next.
-        let addr = addrs[(ctx.attempts as usize) % addrs.len()];
         ctx.attempts += 1;
         ctx.attempt_body_bytes = 0;
         let inflight = &self.state.metrics().inflight_requests;
@@ -761,25 +770,40 @@ impl ProxyHttp for Proxy {
             route.strip_prefix.as_deref(),
             &upstream.base_path,
         );
-        let uri: http::Uri = path
-            .parse()
-            .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewritten path", e))?;
         // Origin-form only: whatever the client's target said, only the configured upstream is
-        // ever reached.
-        upstream_request.set_uri(uri);
-        let hop_by_hop = hop_by_hop_headers(
+        // ever reached. Left as it came when that is what it says already.
+        let unchanged = upstream_request.uri.scheme().is_none()
+            && upstream_request
+                .uri
+                .path_and_query()
+                .is_some_and(|pq| pq.as_str() == path);
+        if !unchanged {
+            let uri: http::Uri = path
+                .parse()
+                .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "rewritten path", e))?;
+            upstream_request.set_uri(uri);
+        }
+        let named = connection_named_headers(
             upstream_request
                 .headers
                 .get_all(http::header::CONNECTION)
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
         );
-        for h in &hop_by_hop {
+        // One pass over the few headers a request has, rather than a lookup per name.
+        let hop_by_hop =
+            (upstream_request.headers.keys()).any(|name| HOP_BY_HOP.contains(&name.as_str()));
+        if hop_by_hop {
+            for h in HOP_BY_HOP {
+                upstream_request.remove_header(*h);
+            }
+        }
+        for h in &named {
             upstream_request.remove_header(h.as_str());
         }
         // Answered here (`100 Continue` once admitted): the body is on its way already.
         upstream_request.remove_header("expect");
-        upstream_request.insert_header("Host", upstream.host_header())?;
+        upstream_request.insert_header(http::header::HOST, upstream.host_value.clone())?;
         Ok(())
     }
 
@@ -799,7 +823,7 @@ impl ProxyHttp for Proxy {
         self.state
             .metrics()
             .upstream_responses_total
-            .with_label_values(&[route, status.to_string().as_str()])
+            .with_label_values(&[route, crate::metrics::status_label(status)])
             .inc();
         if status != 429 && !ctx.buckets.is_empty() {
             if let Some(granted_at) = granted_at {
@@ -970,7 +994,7 @@ impl ProxyHttp for Proxy {
         let m = self.state.metrics();
         if status > 0 && !ctx.client_gone {
             m.requests_total
-                .with_label_values(&[route, status.to_string().as_str()])
+                .with_label_values(&[route, crate::metrics::status_label(status)])
                 .inc();
             m.request_duration_seconds
                 .with_label_values(&[route])

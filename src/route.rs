@@ -276,7 +276,7 @@ pub fn find_route<R: Matches>(routes: &[R], method: &http::Method, path: &str) -
 }
 
 /// Request headers that belong to one connection, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
+pub const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -290,29 +290,39 @@ const HOP_BY_HOP: &[&str] = &[
 /// would be forwarded without its length.
 const FRAMING: &[&str] = &["content-length", "transfer-encoding", "host"];
 
-/// The request headers not to forward: the hop-by-hop ones, and those named in `Connection`
-/// (its `values`), lower-case; never the body's framing.
+/// The request headers that `Connection` (its `values`) names besides [`HOP_BY_HOP`]'s, which are
+/// not forwarded either; never the body's framing. Nothing is allocated when it names none (an
+/// SDK's `Connection: keep-alive`).
 ///
 /// ```
-/// let h = shiftgate::route::hop_by_hop_headers(["close, X-Trace, Content-Length"]);
-/// assert!(h.contains(&"x-trace".to_string()) && h.contains(&"keep-alive".to_string()));
-/// assert!(!h.contains(&"content-length".to_string()));
+/// let h = shiftgate::route::connection_named_headers(["close, X-Trace, Content-Length, keep-alive"]);
+/// assert_eq!(h, vec!["x-trace".to_string()]);
+/// assert!(shiftgate::route::connection_named_headers(["Keep-Alive"]).is_empty());
 /// ```
-pub fn hop_by_hop_headers<'a>(connection: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-    let named = connection
+pub fn connection_named_headers<'a>(connection: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let known = |s: &str| {
+        s.eq_ignore_ascii_case("close")
+            || HOP_BY_HOP
+                .iter()
+                .chain(FRAMING)
+                .any(|h| s.eq_ignore_ascii_case(h))
+    };
+    connection
         .into_iter()
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty() && !FRAMING.contains(&s.as_str()));
-    HOP_BY_HOP
-        .iter()
-        .map(|h| h.to_string())
-        .chain(named)
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !known(s))
+        .map(str::to_ascii_lowercase)
         .collect()
 }
 
 /// The path and query sent upstream: `strip_prefix` removed from the path, the upstream's base
 /// path put in front. `path_and_query` is the client's origin-form target.
-pub fn upstream_path(path_and_query: &str, strip_prefix: Option<&str>, base_path: &str) -> String {
+pub fn upstream_path<'a>(
+    path_and_query: &'a str,
+    strip_prefix: Option<&str>,
+    base_path: &str,
+) -> Cow<'a, str> {
     let (path, query) = match path_and_query.find('?') {
         Some(i) => path_and_query.split_at(i),
         None => (path_and_query, ""),
@@ -326,7 +336,10 @@ pub fn upstream_path(path_and_query: &str, strip_prefix: Option<&str>, base_path
         }
     }
     let path = if path.is_empty() { "/" } else { path };
-    format!("{base_path}{path}{query}")
+    if base_path.is_empty() && path.len() + query.len() == path_and_query.len() {
+        return Cow::Borrowed(path_and_query);
+    }
+    Cow::Owned(format!("{base_path}{path}{query}"))
 }
 
 #[cfg(test)]

@@ -109,6 +109,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("cannot listen on admin_listen {admin_listen}: {e}");
+            crate::access::flush();
             std::process::exit(1);
         }
     };
@@ -135,6 +136,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("tls: {e}");
+                crate::access::flush();
                 std::process::exit(1);
             }
         };
@@ -185,6 +187,7 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
             phases: std::sync::Mutex::new(Some(phases)),
         }),
     });
+    crate::access::flush();
     std::process::exit(0)
 }
 
@@ -413,6 +416,7 @@ fn exit_by(limit: Duration) {
         tracing::warn!(
             "stop: still answering after {limit:?} (shutdown.drain_timeout + limits.upstream_timeout + 5 s); exiting now"
         );
+        crate::access::flush();
         std::process::exit(0);
     });
 }
@@ -435,6 +439,7 @@ fn exit_when_idle(
             std::thread::sleep(Duration::from_millis(20));
         }
         tracing::info!("all answers sent; exiting");
+        crate::access::flush();
         std::process::exit(0);
     });
 }

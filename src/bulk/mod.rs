@@ -507,7 +507,7 @@ impl BulkCall {
             .observe(started.elapsed().as_secs_f64());
         if let Ok(r) = &reply {
             m.upstream_responses_total
-                .with_label_values(&[into.name.as_str(), r.status.to_string().as_str()])
+                .with_label_values(&[into.name.as_str(), crate::metrics::status_label(r.status)])
                 .inc();
         }
         reply

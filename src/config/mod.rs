@@ -155,9 +155,35 @@ pub struct Upstream {
     pub port: u16,
     /// Path prefix of the base URL without a trailing slash ("" for none).
     pub base_path: String,
+    /// [`Upstream::host_header`], made once: sent with every request.
+    pub host_value: http::HeaderValue,
 }
 
 impl Upstream {
+    pub fn new(
+        name: String,
+        url: String,
+        tls: bool,
+        host: String,
+        port: u16,
+        base_path: String,
+    ) -> Upstream {
+        let mut u = Upstream {
+            name,
+            url,
+            tls,
+            host,
+            port,
+            base_path,
+            host_value: http::HeaderValue::from_static(""),
+        };
+        // A host the URL parser accepted is always a valid header value.
+        if let Ok(v) = http::HeaderValue::try_from(u.host_header()) {
+            u.host_value = v;
+        }
+        u
+    }
+
     /// The Host header value the upstream expects: an IPv6 address in brackets, the port
     /// when it is not the scheme's.
     pub fn host_header(&self) -> String {

@@ -32,14 +32,14 @@ impl Validator<'_> {
         let mut upstreams = Vec::new();
         for (name, u) in raw {
             match parse_upstream_url(&u.url) {
-                Ok((tls, host, port, base_path)) => upstreams.push(Upstream {
-                    name: name.clone(),
-                    url: u.url.clone(),
+                Ok((tls, host, port, base_path)) => upstreams.push(Upstream::new(
+                    name.clone(),
+                    u.url.clone(),
                     tls,
                     host,
                     port,
                     base_path,
-                }),
+                )),
                 Err(m) => self.err(&at.key(name).key("url"), m),
             }
         }
