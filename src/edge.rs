@@ -10,6 +10,13 @@
 //! therefore on the connection's reads ([`Deadlined`]), and the keep-alive loop that Pingora
 //! runs for an `HttpServerApp` runs here instead ([`Edge::serve_http1`]), so that the point
 //! between two requests, where the idle timer starts, is known exactly.
+//!
+//! Memory: each connection runs in a task of its own ([`Edge::serve`]), so Pingora's task for
+//! it (accept and handshake state, 8.6 KiB) ends at once; and a paced request waits for its slot
+//! here ([`Edge::admit`]), holding its head and its place in the queue, before Pingora builds
+//! its per-request state (its request future, 14.8 KiB, and a 4 KiB header buffer). At 10,000
+//! waiting requests that took the proxy from 37 KiB per waiting request to under 6 KiB
+//! (`BENCHMARKS.md`).
 
 use std::fmt;
 use std::future::Future;

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -348,26 +349,44 @@ def wrk(port, seconds, conns=50):
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-def pass_through(seconds):
+def pass_through(seconds, rounds):
+    """Every way started once, then measured in turn, `rounds` times: on two shared cores one
+    15-second run moves by up to 30 % from the next, so each way's figure is its median, and the
+    ratio to bare Pingora is the median of the rounds' ratios (each pair measured minutes apart
+    at most)."""
     emu = Emulator("token_rate_per_minute: 0\n")
-    rows = [{"way": "emulator directly (reference)", **wrk(emu.port, seconds)}]
+    ways = [("emulator directly (reference)", emu.port)]
     p, port = nginx(emu.port, None, workers=1)
-    rows.append({"way": "nginx proxy_pass, 1 worker", **wrk(port, seconds)})
-    stop(p)
+    ways.append(("nginx proxy_pass, 1 worker", port))
     for log, variant in [("info", "1 worker (access log on, the default)"),
                          ("warn", "1 worker, access log off (RUST_LOG=warn)")]:
         for label, binary in SHIFTGATES:
             p, port, _ = shiftgate(emu.port, None, workers=1, log=log, binary=binary)
-            rows.append({"way": f"{label}, {variant}", **wrk(port, seconds)})
-            stop(p)
+            ways.append((f"{label}, {variant}", port))
     baseline = example("pingora_baseline")
     if baseline:
         port = free_port()
-        p = start([baseline, f"127.0.0.1:{port}", f"127.0.0.1:{emu.port}"], "pingora-baseline")
+        start([baseline, f"127.0.0.1:{port}", f"127.0.0.1:{emu.port}"], "pingora-baseline")
         wait_port(port)
-        rows.append({"way": "Pingora 0.9.1 with no hooks, 1 thread (examples/pingora_baseline)", **wrk(port, seconds)})
+        ways.append(("Pingora 0.9.1 with no hooks, 1 thread (examples/pingora_baseline)", port))
+    runs = {way: [] for way, _ in ways}
+    for r in range(rounds):
+        for way, port in ways:
+            runs[way].append(wrk(port, seconds))
+        print(f"  round {r + 1}: " + ", ".join(f"{w.split(',')[0][:24]} {runs[w][-1]['rps']:.0f}" for w, _ in ways),
+              file=sys.stderr)
+    bare = runs[ways[-1][0]] if baseline else None
+    rows = []
+    for way, _ in ways:
+        rs = runs[way]
+        row = {"way": way, "rps": statistics.median(x["rps"] for x in rs),
+               "p99_ms": statistics.median(x["p99_ms"] for x in rs),
+               "non_2xx": sum(x["non_2xx"] for x in rs), "rounds": [x["rps"] for x in rs]}
+        if bare:
+            row["x_bare_pingora"] = statistics.median(x["rps"] / b["rps"] for x, b in zip(rs, bare))
+        rows.append(row)
+    for p in list(PROCS):
         stop(p)
-    stop(emu.proc)
     for r in rows:
         print(f"  {r}", file=sys.stderr)
     return rows
@@ -527,7 +546,7 @@ def main():
             results["one_token"] = one_token(*((100, 2) if QUICK else (500, 10)))
         if wanted("pass-through"):
             print("pass-through", file=sys.stderr)
-            results["pass_through"] = pass_through(5 if QUICK else 15)
+            results["pass_through"] = pass_through(5 if QUICK else 10, 2 if QUICK else 5)
         if wanted("latency"):
             print("latency at a constant rate", file=sys.stderr)
             results["latency"] = latency([1000] if QUICK else [1000, 5000], *((5, 1) if QUICK else (15, 3)))
@@ -565,11 +584,15 @@ def main():
                   f"{r['client_429']} | {r['upstream_429']} | {r['upstream_requests']} | "
                   f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
     if "pass_through" in results:
-        print("\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits)\n")
-        print("| way | requests/s | p99 | non-2xx |")
-        print("|---|---|---|---|")
+        rounds = len(results["pass_through"][0]["rounds"])
+        print(f"\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits; "
+              f"median of {rounds} rounds, every way measured in turn in each)\n")
+        print("| way | requests/s | × bare Pingora | p99 | each round | non-2xx |")
+        print("|---|---|---|---|---|---|")
         for r in results["pass_through"]:
-            print(f"| {r['way']} | {r['rps']:.0f} | {r['p99_ms']:.2f} ms | {r['non_2xx']} |")
+            ratio = f"{r['x_bare_pingora']:.2f}" if "x_bare_pingora" in r else "-"
+            each = " / ".join(f"{x:.0f}" for x in r["rounds"])
+            print(f"| {r['way']} | {r['rps']:.0f} | {ratio} | {r['p99_ms']:.2f} ms | {each} | {r['non_2xx']} |")
     if "latency" in results:
         lat = results["latency"]
         print(f"\n### Latency at a constant rate (open loop, {lat[0]['seconds']:.0f} s per row, "
