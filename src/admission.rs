@@ -58,7 +58,8 @@ pub struct EdgeRequest {
 }
 
 /// Reads a complete request head (`head`, as received) and returns the request when the edge
-/// should queue it: a well-formed head of a paced route, with no body to negotiate
+/// should queue it (never with replicas: `cluster`): a well-formed head of a paced route, with
+/// no body to negotiate
 /// (`Expect`), no chunked body, a declared length within `limits.max_body_bytes`, not a
 /// coalescing route. Everything else is for the proxy's own hooks, which answer it.
 /// `peer`: the socket's address (budgets `per: client_ip`).
@@ -68,7 +69,11 @@ pub fn at_edge(
     head: &[u8],
     peer: Option<IpAddr>,
 ) -> Option<EdgeRequest> {
-    if head.len() > MAX_HEAD_BYTES {
+    // With replicas, the shared budget's leases count on a grant being used at once: a grant
+    // taken here, before Pingora has read the request, left the upstream's first window one or
+    // two requests over its limit in 1 of 4 runs of the three-replica test. The proxy's hook
+    // admits those, right before the upstream call.
+    if head.len() > MAX_HEAD_BYTES || cfg.cluster.is_some() {
         return None;
     }
     // The request line alone first: most requests of an unpaced route stop here, and Pingora

@@ -13,7 +13,8 @@
 //!
 //! Memory: each connection runs in a task of its own ([`Edge::serve`]), so Pingora's task for
 //! it (accept and handshake state, 8.6 KiB) ends at once; and a paced request waits for its slot
-//! here ([`Edge::admit`]), holding its head and its place in the queue, before Pingora builds
+//! here ([`Edge::admit`]; not with replicas, see [`admission::at_edge`]), holding its head and
+//! its place in the queue, before Pingora builds
 //! its per-request state (its request future, 14.8 KiB, and a 4 KiB header buffer). At 10,000
 //! waiting requests that took the proxy from 37 KiB per waiting request to under 6 KiB
 //! (`BENCHMARKS.md`).
