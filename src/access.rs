@@ -78,23 +78,17 @@ fn write_text(out: &mut Vec<u8>, l: &Line<'_>, now: SystemTime) -> std::io::Resu
     write_timestamp(out, now)?;
     write!(
         out,
-        "  INFO {TARGET}: request client={} peer={} route={} method={} path={} status={} \
-         duration_ms={} bytes_in={} bytes_out={} wait_ms={} attempts={} upstream_ms={} \
-         correlation_id={}",
+        "  INFO {TARGET}: request client={} peer={} route={} method={} path={}",
         OrDash(l.client),
         OrDash(l.peer),
         l.route,
         l.method,
         l.path,
-        l.status,
-        millis(l.duration),
-        l.bytes_in,
-        l.bytes_out,
-        millis(l.wait),
-        l.attempts,
-        millis(l.upstream),
-        l.correlation_id.unwrap_or("-"),
     )?;
+    for (key, value) in numbers(l) {
+        write!(out, " {key}={value}")?;
+    }
+    write!(out, " correlation_id={}", l.correlation_id.unwrap_or("-"))?;
     if let Some(error) = l.error {
         write!(out, " error={error:?}")?;
     }
@@ -119,23 +113,27 @@ fn write_json(out: &mut Vec<u8>, l: &Line<'_>, now: SystemTime) -> std::io::Resu
     text(out, "route", &l.route)?;
     text(out, "method", &l.method)?;
     text(out, "path", &l.path)?;
-    write!(
-        out,
-        ",\"status\":{},\"duration_ms\":{},\"bytes_in\":{},\"bytes_out\":{},\"wait_ms\":{},\
-         \"attempts\":{},\"upstream_ms\":{}",
-        l.status,
-        millis(l.duration),
-        l.bytes_in,
-        l.bytes_out,
-        millis(l.wait),
-        l.attempts,
-        millis(l.upstream),
-    )?;
+    for (key, value) in numbers(l) {
+        write!(out, ",\"{key}\":{value}")?;
+    }
     text(out, "correlation_id", &l.correlation_id.unwrap_or("-"))?;
     if let Some(error) = l.error {
         text(out, "error", &error)?;
     }
     writeln!(out, ",\"target\":\"{TARGET}\"}}")
+}
+
+/// The line's numeric fields, in its order: the text and the JSON line write the same ones.
+fn numbers(l: &Line<'_>) -> [(&'static str, u64); 7] {
+    [
+        ("status", u64::from(l.status)),
+        ("duration_ms", millis(l.duration)),
+        ("bytes_in", l.bytes_in),
+        ("bytes_out", l.bytes_out),
+        ("wait_ms", millis(l.wait)),
+        ("attempts", u64::from(l.attempts)),
+        ("upstream_ms", millis(l.upstream)),
+    ]
 }
 
 /// RFC 3339 in UTC to the microsecond, as `tracing_subscriber`'s default timer writes it.
