@@ -87,9 +87,6 @@ enum Command {
     Demo(shiftgate::demo::DemoArgs),
 }
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn config_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("SHIFTGATE_CONFIG").map(PathBuf::from))
