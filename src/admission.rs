@@ -69,10 +69,8 @@ pub fn at_edge(
     head: &[u8],
     peer: Option<IpAddr>,
 ) -> Option<EdgeRequest> {
-    // With replicas, the shared budget's leases count on a grant being used at once: a grant
-    // taken here, before Pingora has read the request, left the upstream's first window one or
-    // two requests over its limit in 1 of 4 runs of the three-replica test. The proxy's hook
-    // admits those, right before the upstream call.
+    // With replicas, the shared budget's leases count on a grant being used at once; the
+    // proxy's hook admits those, right before the upstream call, as before the edge queued.
     if head.len() > MAX_HEAD_BYTES || cfg.cluster.is_some() {
         return None;
     }
