@@ -2,7 +2,6 @@
 //! JSON (`log.format`). Written by the proxy's last hook, and by the client edge for a client
 //! that left while its request waited there. Never a token.
 
-use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,21 +73,32 @@ pub fn set_json(json: bool) {
 }
 
 /// `2026-12-02T17:17:25.774646Z  INFO shiftgate::access: request client=... error="..."`
+///
+/// Written piece by piece, numbers and IPv4 addresses without `core::fmt`: the line is written
+/// for every request, and `write!` was most of its cost.
 fn write_text(out: &mut Vec<u8>, l: &Line<'_>, now: SystemTime) -> std::io::Result<()> {
-    write_timestamp(out, now)?;
-    write!(
-        out,
-        "  INFO {TARGET}: request client={} peer={} route={} method={} path={}",
-        OrDash(l.client),
-        OrDash(l.peer),
-        l.route,
-        l.method,
-        l.path,
-    )?;
-    for (key, value) in numbers(l) {
-        write!(out, " {key}={value}")?;
+    write_timestamp(out, now);
+    out.extend_from_slice(b"  INFO ");
+    out.extend_from_slice(TARGET.as_bytes());
+    out.extend_from_slice(b": request client=");
+    write_ip(out, l.client);
+    out.extend_from_slice(b" peer=");
+    write_socket(out, l.peer);
+    for (key, value) in [("route", l.route), ("method", l.method), ("path", l.path)] {
+        out.push(b' ');
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(value.as_bytes());
     }
-    write!(out, " correlation_id={}", l.correlation_id.unwrap_or("-"))?;
+    let mut digits = itoa::Buffer::new();
+    for (key, value) in numbers(l) {
+        out.push(b' ');
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(digits.format(value).as_bytes());
+    }
+    out.extend_from_slice(b" correlation_id=");
+    out.extend_from_slice(l.correlation_id.unwrap_or("-").as_bytes());
     if let Some(error) = l.error {
         write!(out, " error={error:?}")?;
     }
@@ -100,27 +110,41 @@ fn write_text(out: &mut Vec<u8>, l: &Line<'_>, now: SystemTime) -> std::io::Resu
 /// them.
 fn write_json(out: &mut Vec<u8>, l: &Line<'_>, now: SystemTime) -> std::io::Result<()> {
     out.extend_from_slice(b"{\"timestamp\":\"");
-    write_timestamp(out, now)?;
+    write_timestamp(out, now);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
-    let text = |out: &mut Vec<u8>, key: &str, value: &dyn fmt::Display| {
-        write!(out, ",\"{key}\":\"")?;
-        write!(JsonEscaped(out), "{value}")?;
-        out.push(b'"');
-        Ok::<(), std::io::Error>(())
+    let key = |out: &mut Vec<u8>, key: &str| {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
     };
-    text(out, "client", &OrDash(l.client))?;
-    text(out, "peer", &OrDash(l.peer))?;
-    text(out, "route", &l.route)?;
-    text(out, "method", &l.method)?;
-    text(out, "path", &l.path)?;
-    for (key, value) in numbers(l) {
-        write!(out, ",\"{key}\":{value}")?;
+    // Addresses hold no character JSON escapes.
+    key(out, "client");
+    out.push(b'"');
+    write_ip(out, l.client);
+    out.push(b'"');
+    key(out, "peer");
+    out.push(b'"');
+    write_socket(out, l.peer);
+    out.push(b'"');
+    for (name, value) in [("route", l.route), ("method", l.method), ("path", l.path)] {
+        key(out, name);
+        json_string(out, value);
     }
-    text(out, "correlation_id", &l.correlation_id.unwrap_or("-"))?;
+    let mut digits = itoa::Buffer::new();
+    for (name, value) in numbers(l) {
+        key(out, name);
+        out.extend_from_slice(digits.format(value).as_bytes());
+    }
+    key(out, "correlation_id");
+    json_string(out, l.correlation_id.unwrap_or("-"));
     if let Some(error) = l.error {
-        text(out, "error", &error)?;
+        key(out, "error");
+        json_string(out, error);
     }
-    writeln!(out, ",\"target\":\"{TARGET}\"}}")
+    out.extend_from_slice(b",\"target\":\"");
+    out.extend_from_slice(TARGET.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    Ok(())
 }
 
 /// The line's numeric fields, in its order: the text and the JSON line write the same ones.
@@ -136,36 +160,91 @@ fn numbers(l: &Line<'_>) -> [(&'static str, u64); 7] {
     ]
 }
 
-/// RFC 3339 in UTC to the microsecond, as `tracing_subscriber`'s default timer writes it.
-fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) -> std::io::Result<()> {
+/// An address as `Display` writes it, or `-`; IPv4 without `core::fmt`.
+fn write_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
+    match ip {
+        None => out.push(b'-'),
+        Some(IpAddr::V4(v4)) => write_ipv4(out, v4),
+        Some(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// A socket address as `Display` writes it, or `-`.
+fn write_socket(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
+    match addr {
+        None => out.push(b'-'),
+        Some(SocketAddr::V4(v4)) => {
+            write_ipv4(out, *v4.ip());
+            out.push(b':');
+            out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
+        }
+        Some(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+fn write_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        out.extend_from_slice(digits.format(octet).as_bytes());
+    }
+}
+
+/// RFC 3339 in UTC to the microsecond, as `tracing_subscriber`'s default timer writes it. The
+/// part up to the second is kept per thread and made again only when the second changes.
+fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    thread_local! {
+        /// The second last written, and its `YYYY-MM-DDTHH:MM:SS.`.
+        static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+    }
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let s = secs % 86_400;
-    write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        since.subsec_micros()
-    )
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        let s = secs % 86_400;
+        let write_prefix = |w: &mut dyn Write| {
+            write!(
+                w,
+                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.",
+                s / 3600,
+                s / 60 % 60,
+                s % 60,
+            )
+        };
+        let mut text = std::io::Cursor::new(&mut prefix[..]);
+        if write_prefix(&mut text).is_err() || text.position() != 20 {
+            // A year past 9999: written out in full, not kept.
+            let _ = write_prefix(out);
+            write_micros(out, since.subsec_micros());
+            return;
+        }
+        SECOND.set((secs, prefix));
+    }
+    out.extend_from_slice(&prefix);
+    write_micros(out, since.subsec_micros());
+}
+
+/// Six digits and the zone: `012345Z`.
+fn write_micros(out: &mut Vec<u8>, micros: u32) {
+    let mut digits = [b'0'; 7];
+    let mut rest = micros;
+    for d in digits[..6].iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    digits[6] = b'Z';
+    out.extend_from_slice(&digits);
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The value, or `-` when there is none.
-struct OrDash<T>(Option<T>);
-
-impl<T: fmt::Display> fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
 }
 
 /// The date of a day counted from 1970-01-01 (Howard Hinnant's `civil_from_days`).
@@ -182,28 +261,26 @@ pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// Writes what it is given as the inside of a JSON string.
-struct JsonEscaped<'a>(&'a mut Vec<u8>);
-
-impl std::io::Write for JsonEscaped<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for &b in buf {
-            match b {
-                b'"' => self.0.extend_from_slice(b"\\\""),
-                b'\\' => self.0.extend_from_slice(b"\\\\"),
-                b'\n' => self.0.extend_from_slice(b"\\n"),
-                b'\r' => self.0.extend_from_slice(b"\\r"),
-                b'\t' => self.0.extend_from_slice(b"\\t"),
-                0..0x20 => write!(self.0, "\\u{b:04x}")?,
-                _ => self.0.push(b),
+/// `value` as a JSON string, quotes included.
+fn json_string(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    for &b in value.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..0x20 => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
             }
+            _ => out.push(b),
         }
-        Ok(buf.len())
     }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    out.push(b'"');
 }
 
 /// Access lines are gathered and written out together, at most [`FLUSH_EVERY`] after they were
@@ -398,6 +475,51 @@ mod tests {
         assert_eq!(v["error"], "ConnectionClosed");
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(keys.len(), 18, "{keys:?}");
+    }
+
+    #[test]
+    fn addresses_and_timestamps_read_as_display_writes_them() {
+        let peer: SocketAddr = "10.1.2.3:45678".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let line = Line {
+            client: Some(v6),
+            peer: Some(peer),
+            error: None,
+            correlation_id: None,
+            ..LINE
+        };
+        let mut out = Vec::new();
+        write_text(&mut out, &line, at(1_796_232_645, 5)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("2026-12-02T17:30:45.000005Z "), "{text}");
+        assert!(
+            text.contains(" client=2001:db8::1 peer=10.1.2.3:45678 "),
+            "{text}"
+        );
+        assert!(text.ends_with(" correlation_id=-\n"), "{text}");
+
+        // The second kept per thread is not reused for another second.
+        for (secs, micros, want) in [
+            (1_796_232_646, 0, "2026-12-02T17:30:46.000000Z"),
+            (1_796_232_646, 999_999, "2026-12-02T17:30:46.999999Z"),
+            (951_782_400, 1, "2000-02-29T00:00:00.000001Z"),
+        ] {
+            let mut out = Vec::new();
+            write_timestamp(&mut out, at(secs, micros));
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn json_strings_escape_what_json_requires() {
+        let mut out = Vec::new();
+        json_string(&mut out, "a\"b\\c\n\u{1}é");
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            r#""a\"b\\c\n\u0001é""#
+        );
+        let back: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back, "a\"b\\c\n\u{1}é");
     }
 
     #[test]

@@ -154,7 +154,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
     /// the client left while waiting). `Some`: hand the connection to Pingora; the guard
     /// counts a queued request as active until its answer.
     async fn admit(&self, stream: &mut Deadlined<Stream>) -> Option<Option<ActiveRequest>> {
-        let mut head = Vec::new();
+        let cfg = self.state.config();
+        if cfg.cluster.is_some() || !cfg.paces_at_edge() {
+            // Nothing the edge could queue: Pingora reads the head, once.
+            return Some(None);
+        }
+        let mut head = stream.take_buffer();
         while !stream.head_complete() && head.len() <= MAX_HEAD_BYTES {
             head.reserve(HEAD_READ);
             // Closed, broken, or a head timer fired (idle: quietly; a partial head: Pingora
@@ -163,7 +168,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
                 return None;
             }
         }
-        let cfg = self.state.config();
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
@@ -487,6 +491,13 @@ impl<S> Deadlined<S> {
         self.phase == Phase::Open
     }
 
+    /// The buffer the last replay was in, emptied, to read the next head into: a request's
+    /// head is read into the same memory as the last one's.
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        debug_assert!(self.replayed == 0 && self.replay.is_empty());
+        std::mem::take(&mut self.replay)
+    }
+
     /// `bytes`, already read from this stream, are read again before anything new.
     pub fn replay(&mut self, bytes: Vec<u8>) {
         debug_assert!(
@@ -524,10 +535,14 @@ impl<S> Deadlined<S> {
         match &mut self.phase {
             Phase::Idle => {
                 let mut head = HeadEnd::default();
-                let done = head.feed(read);
+                if head.feed(read) {
+                    // Whole in one read (nearly always): no head timer to start.
+                    self.phase = Phase::Open;
+                    return;
+                }
                 let deadline = tokio::time::Instant::now() + self.header_timeout;
                 self.timer.as_mut().reset(deadline);
-                self.phase = if done { Phase::Open } else { Phase::Head(head) };
+                self.phase = Phase::Head(head);
             }
             Phase::Head(head) => {
                 if head.feed(read) {
@@ -552,8 +567,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deadlined<S> {
             buf.put_slice(&this.replay[from..from + n]);
             this.replayed += n;
             if this.replayed == this.replay.len() {
-                // Given back: a waiting request's head is not kept for the rest of its answer.
-                this.replay = Vec::new();
+                // Kept for the next head when small; a larger one (a head over
+                // `HEAD_READ`, or a body read while waiting) is given back.
+                if this.replay.capacity() <= HEAD_READ {
+                    this.replay.clear();
+                } else {
+                    this.replay = Vec::new();
+                }
                 this.replayed = 0;
             }
             let filled = buf.filled();
@@ -609,7 +629,18 @@ impl HeadEnd {
     /// assert!(HeadEnd::default().feed(b"GET / HTTP/1.1\nHost: a\n\n"));
     /// ```
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
+        let mut rest = bytes;
+        while let Some((&b, after)) = rest.split_first() {
+            if self.started && self.at == 0 {
+                // Inside a line: nothing before its line feed can end the head.
+                let Some(lf) = memchr::memchr(b'\n', rest) else {
+                    return false;
+                };
+                self.at = 1;
+                rest = &rest[lf + 1..];
+                continue;
+            }
+            rest = after;
             match (b, self.at) {
                 (b'\n', 1 | 2) if self.started => return true,
                 (b'\n', _) => self.at = 1,
@@ -744,6 +775,43 @@ mod tests {
         header: Duration::from_secs(10),
         idle: Duration::from_secs(60),
     };
+
+    proptest::proptest! {
+        /// Skipping to each line's end finds the same end as reading byte by byte, however the
+        /// head is split across reads.
+        #[test]
+        fn the_head_ends_where_a_byte_by_byte_reader_ends_it(
+            bytes in proptest::collection::vec(
+                proptest::sample::select(vec![b'a', b' ', b'\r', b'\n']), 0..40),
+            cuts in proptest::collection::vec(0usize..40, 0..4),
+        ) {
+            let by_byte = {
+                let (mut started, mut at) = (false, 0u8);
+                bytes.iter().position(|&b| match (b, at) {
+                    (b'\n', 1 | 2) if started => true,
+                    (b'\n', _) => { at = 1; false }
+                    (b'\r', 1) => { at = 2; false }
+                    (b'\r', _) => { at = 0; false }
+                    _ => { started = true; at = 0; false }
+                })
+            };
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            let (mut head, mut from, mut ended_in) = (HeadEnd::default(), 0, None);
+            for to in cuts {
+                if ended_in.is_none() && head.feed(&bytes[from..to]) {
+                    ended_in = Some((from, to));
+                }
+                from = to;
+            }
+            match (by_byte, ended_in) {
+                (None, None) => {}
+                (Some(at), Some((from, to))) => proptest::prop_assert!(from <= at && at < to),
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
 
     fn pipe() -> (Deadlined<DuplexStream>, DuplexStream) {
         let (server, client) = duplex(1024);

@@ -30,7 +30,7 @@ use crate::digest::token_key;
 use crate::edge::Deadlined;
 use crate::hygiene::check_head;
 use crate::local_response::{LocalResponse, Reason, SHUTTING_DOWN};
-use crate::metrics::{GaugeGuard, NO_ROUTE_LABEL};
+use crate::metrics::{GaugeGuard, RouteMetrics, NO_ROUTE_LABEL};
 use crate::pacer::{BucketKey, Closed, Demand, Grant, Ticket};
 use crate::retry::{self, Attempt, GiveUp, Outcome, Verdict};
 use crate::route::{
@@ -57,6 +57,8 @@ pub struct Ctx {
     /// The config this request is served under, from its first hook on.
     config: Option<Arc<Config>>,
     route: Option<usize>,
+    /// The route's per-request series, once routed.
+    metrics: Option<Arc<RouteMetrics>>,
     /// The normalised path and the query as it came: what the route was matched on (the path)
     /// and what is forwarded.
     target: String,
@@ -85,6 +87,8 @@ pub struct Ctx {
     /// rest streams on): each attempt is held to `limits.max_body_bytes`.
     attempt_body_bytes: usize,
     body_read_up_front: bool,
+    /// The request declares a body (a length over 0, or chunks).
+    has_body: bool,
     client_gone: bool,
     logged: bool,
     /// A coalesced update: the size of the batch that answered it.
@@ -212,7 +216,7 @@ impl Proxy {
         ctx.waited = answered.waited;
         ctx.attempts = answered.attempts;
         ctx.batch = Some(answered.batch);
-        self.observe_queue_wait(&route.name, answered.waited);
+        self.observe_queue_wait(ctx, answered.waited);
         let mut resp = ResponseHeader::build(answered.status, Some(8))?;
         if let Some(ct) = &answered.content_type {
             resp.insert_header("Content-Type", ct)?;
@@ -279,12 +283,16 @@ impl Proxy {
         });
     }
 
-    fn observe_queue_wait(&self, route: &str, waited: Duration) {
-        self.state
-            .metrics()
-            .queue_wait_seconds
-            .with_label_values(&[route])
-            .observe(waited.as_secs_f64());
+    fn observe_queue_wait(&self, ctx: &Ctx, waited: Duration) {
+        match &ctx.metrics {
+            Some(m) => m.queue_wait.observe(waited.as_secs_f64()),
+            None => self
+                .state
+                .metrics()
+                .queue_wait_seconds
+                .with_label_values(&[ctx.route_label()])
+                .observe(waited.as_secs_f64()),
+        }
     }
 
     /// Ends the attempt in flight, if any: its upstream time is counted and observed, its
@@ -293,11 +301,15 @@ impl Proxy {
         let attempt = ctx.attempt.take()?;
         let d = attempt.started.elapsed();
         ctx.upstream_time += d;
-        self.state
-            .metrics()
-            .upstream_duration_seconds
-            .with_label_values(&[ctx.route_label()])
-            .observe(d.as_secs_f64());
+        match &ctx.metrics {
+            Some(m) => m.upstream_duration.observe(d.as_secs_f64()),
+            None => self
+                .state
+                .metrics()
+                .upstream_duration_seconds
+                .with_label_values(&[ctx.route_label()])
+                .observe(d.as_secs_f64()),
+        }
         attempt.granted_at
     }
 
@@ -391,13 +403,23 @@ impl Proxy {
 
 fn add_shiftgate_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
     let waited = u64::try_from(ctx.waited.as_millis()).unwrap_or(u64::MAX);
-    let _ = resp.insert_header("X-Shiftgate-Wait-Ms", http::HeaderValue::from(waited));
-    let _ = resp.insert_header(
-        "X-Shiftgate-Attempts",
-        http::HeaderValue::from(ctx.attempts),
-    );
+    let _ = resp.insert_header("X-Shiftgate-Wait-Ms", number_value(waited));
+    let _ = resp.insert_header("X-Shiftgate-Attempts", number_value(ctx.attempts.into()));
     if let Some(batch) = ctx.batch {
-        let _ = resp.insert_header("X-Shiftgate-Batch", http::HeaderValue::from(batch));
+        let _ = resp.insert_header(
+            "X-Shiftgate-Batch",
+            number_value(u64::try_from(batch).unwrap_or(u64::MAX)),
+        );
+    }
+}
+
+/// `n` as a header value; a single digit (no wait, one attempt: most answers) without
+/// allocating.
+fn number_value(n: u64) -> http::HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(n).ok().and_then(|i| DIGITS.get(i)) {
+        Some(digit) => http::HeaderValue::from_static(digit),
+        None => http::HeaderValue::from(n),
     }
 }
 
@@ -451,6 +473,7 @@ impl ProxyHttp for Proxy {
             active: Some(self.state.request_started()),
             config: None,
             route: None,
+            metrics: None,
             target: String::new(),
             buckets: Vec::new(),
             queued: None,
@@ -465,6 +488,7 @@ impl ProxyHttp for Proxy {
             body_bytes: 0,
             attempt_body_bytes: 0,
             body_read_up_front: false,
+            has_body: false,
             client_gone: false,
             logged: false,
             batch: None,
@@ -511,6 +535,7 @@ impl ProxyHttp for Proxy {
             return Ok(true);
         };
         ctx.route = Some(route_index);
+        ctx.metrics = Some(self.state.metrics().route(&cfg.routes[route_index].name));
         ctx.target = match req.uri.query() {
             Some(query) => format!("{path}?{query}"),
             None => path,
@@ -523,6 +548,8 @@ impl ProxyHttp for Proxy {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
+        ctx.has_body = declared.is_some_and(|n| n > 0)
+            || req.headers.contains_key(http::header::TRANSFER_ENCODING);
         if declared.is_some_and(|n| n > max) {
             let msg = format!("the request body exceeds {max} bytes");
             self.answer(session, ctx, LocalResponse::new(Reason::BodyTooLarge, msg))
@@ -678,7 +705,7 @@ impl ProxyHttp for Proxy {
                 Some(Ok(grant)) => {
                     if ctx.attempts == 0 {
                         ctx.waited = grant.waited;
-                        self.observe_queue_wait(&route.name, grant.waited);
+                        self.observe_queue_wait(ctx, grant.waited);
                     }
                     granted_at = Some(grant.at);
                     grant.commit();
@@ -689,13 +716,13 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(ErrorType::InternalError, "paced request without a ticket");
         }
         if ctx.attempts == 0 && ctx.buckets.is_empty() {
-            self.observe_queue_wait(&route.name, Duration::ZERO);
+            self.observe_queue_wait(ctx, Duration::ZERO);
         }
 
         let upstream = &cfg.upstreams[route.upstream];
-        let addr = match upstream.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => std::net::SocketAddr::new(ip, upstream.port),
-            Err(_) => match self
+        let addr = match upstream.ip {
+            Some(ip) => std::net::SocketAddr::new(ip, upstream.port),
+            None => match self
                 .state
                 .resolver()
                 .resolve(&upstream.host, upstream.port)
@@ -713,10 +740,13 @@ impl ProxyHttp for Proxy {
         };
         ctx.attempts += 1;
         ctx.attempt_body_bytes = 0;
-        let inflight = &self.state.metrics().inflight_requests;
+        let inflight = match &ctx.metrics {
+            Some(m) => m.inflight.clone(),
+            None => (self.state.metrics().inflight_requests).with_label_values(&[&route.name]),
+        };
         ctx.attempt = Some(AttemptState {
             started: Instant::now(),
-            _inflight: GaugeGuard::new(inflight.with_label_values(&[route.name.as_str()])),
+            _inflight: GaugeGuard::new(inflight),
             granted_at,
         });
 
@@ -730,7 +760,12 @@ impl ProxyHttp for Proxy {
         opts.connection_timeout = Some(cfg.limits.connect_timeout);
         opts.total_connection_timeout = Some(cfg.limits.connect_timeout * 2);
         opts.read_timeout = Some(cfg.limits.upstream_timeout);
-        opts.write_timeout = Some(cfg.limits.upstream_timeout);
+        // Without a body there is nothing to time: Pingora copies the head into its write
+        // buffer under this timer (and flushes it without one), so it would only cost a timer
+        // per request.
+        if ctx.has_body {
+            opts.write_timeout = Some(cfg.limits.upstream_timeout);
+        }
         // Below common upstream keep-alive timeouts, so a pooled connection is not stale.
         opts.idle_timeout = Some(Duration::from_secs(50));
         Ok(Box::new(peer))
@@ -803,6 +838,9 @@ impl ProxyHttp for Proxy {
         }
         // Answered here (`100 Continue` once admitted): the body is on its way already.
         upstream_request.remove_header("expect");
+        // Removed first: an insert into a full header map grows it (both of Pingora's maps,
+        // four allocations), even when the name is there already.
+        upstream_request.remove_header(&http::header::HOST);
         upstream_request.insert_header(http::header::HOST, upstream.host_value.clone())?;
         Ok(())
     }
@@ -820,11 +858,15 @@ impl ProxyHttp for Proxy {
         }
         let granted_at = self.end_attempt(ctx);
         let route = ctx.route_label();
-        self.state
-            .metrics()
-            .upstream_responses_total
-            .with_label_values(&[route, crate::metrics::status_label(status)])
-            .inc();
+        match &ctx.metrics {
+            Some(m) => m.count_upstream_response(status),
+            None => self
+                .state
+                .metrics()
+                .upstream_responses_total
+                .with_label_values(&[route, crate::metrics::status_label(status)])
+                .inc(),
+        }
         if status != 429 && !ctx.buckets.is_empty() {
             if let Some(granted_at) = granted_at {
                 self.state.pacer().answered(&ctx.buckets, granted_at);
@@ -993,12 +1035,21 @@ impl ProxyHttp for Proxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let m = self.state.metrics();
         if status > 0 && !ctx.client_gone {
-            m.requests_total
-                .with_label_values(&[route, crate::metrics::status_label(status)])
-                .inc();
-            m.request_duration_seconds
-                .with_label_values(&[route])
-                .observe(ctx.arrived.elapsed().as_secs_f64());
+            let took = ctx.arrived.elapsed().as_secs_f64();
+            match &ctx.metrics {
+                Some(rm) => {
+                    rm.count_request(status);
+                    rm.request_duration.observe(took);
+                }
+                None => {
+                    m.requests_total
+                        .with_label_values(&[route, crate::metrics::status_label(status)])
+                        .inc();
+                    m.request_duration_seconds
+                        .with_label_values(&[route])
+                        .observe(took);
+                }
+            }
         } else if !ctx.client_gone && ctx.route.is_some() {
             // Pingora saw the client go during the answer.
             m.client_disconnects_total.with_label_values(&[route]).inc();

@@ -198,11 +198,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, BadPath> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(BadPath::NotAbsolute);
     };
-    if rest.is_empty()
-        || rest
-            .split('/')
-            .all(|s| !matches!(s, "" | "." | "..") && !s.contains('%'))
-    {
+    if is_normal(rest.as_bytes()) {
         return Ok(Cow::Borrowed(path));
     }
     let mut out = String::with_capacity(path.len());
@@ -223,6 +219,29 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, BadPath> {
         out.push('/');
     }
     Ok(Cow::Owned(out))
+}
+
+/// True when a path (after its leading `/`) is already as [`normalize_path`] writes it: no
+/// escape, and no empty, `.` or `..` segment. One pass over the bytes: nearly every request's
+/// path is, and this runs for each.
+fn is_normal(rest: &[u8]) -> bool {
+    if rest.is_empty() {
+        return true;
+    }
+    let mut segment_start = 0;
+    for (i, &b) in rest.iter().enumerate() {
+        match b {
+            b'%' => return false,
+            b'/' => {
+                if matches!(&rest[segment_start..i], b"" | b"." | b"..") {
+                    return false;
+                }
+                segment_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    !matches!(&rest[segment_start..], b"" | b"." | b"..")
 }
 
 /// One segment with `%XX` of unreserved characters decoded and every other escape kept.
@@ -629,6 +648,17 @@ mod tests {
                     prop_assert!(n == "/" || !n.ends_with('/'));
                     prop_assert!(!n.ends_with("/.") && !n.ends_with("/.."));
                 }
+            }
+
+            #[test]
+            fn the_one_pass_check_agrees_with_a_check_by_segments(
+                rest in "[a-z./%]{0,12}"
+            ) {
+                let by_segments = rest.is_empty()
+                    || rest
+                        .split('/')
+                        .all(|s| !matches!(s, "" | "." | "..") && !s.contains('%'));
+                prop_assert_eq!(is_normal(rest.as_bytes()), by_segments);
             }
 
             #[test]

@@ -157,6 +157,8 @@ pub struct Upstream {
     pub base_path: String,
     /// [`Upstream::host_header`], made once: sent with every request.
     pub host_value: http::HeaderValue,
+    /// The host when it is an IP address (no name to resolve), parsed once.
+    pub ip: Option<std::net::IpAddr>,
 }
 
 impl Upstream {
@@ -172,10 +174,11 @@ impl Upstream {
             name,
             url,
             tls,
-            host,
             port,
             base_path,
             host_value: http::HeaderValue::from_static(""),
+            ip: host.parse().ok(),
+            host,
         };
         // A host the URL parser accepted is always a valid header value.
         if let Ok(v) = http::HeaderValue::try_from(u.host_header()) {
@@ -464,6 +467,14 @@ pub struct ClusterSettings {
 }
 
 impl Config {
+    /// Whether any route is paced without coalescing: the routes whose requests the client
+    /// edge can queue (see `admission::at_edge`).
+    pub fn paces_at_edge(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|r| !r.budgets.is_empty() && r.coalesce.is_none())
+    }
+
     /// The longest a stop takes, SIGTERM to exit: `shutdown.drain_timeout` (requests already
     /// waiting are still paced and sent), then `limits.upstream_timeout` (an attempt sent at the
     /// drain's end gets its answer), then [`STOP_MARGIN`]. The process exits then, whatever is
