@@ -290,57 +290,112 @@ fn json_string(out: &mut Vec<u8>, value: &str) {
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// Gathered lines are written out once they take this much.
 pub const FLUSH_BYTES: usize = 32 * 1024;
+/// With a flusher thread ([`Buffered::spawn_flusher`]), the thread that logs a line writes it
+/// itself only past this much: the flusher is behind (a slow log reader), and lines are held,
+/// not dropped, so the log's reader slows the proxy rather than lose lines.
+pub const MAX_PENDING: usize = 1024 * 1024;
 
-/// Lines waiting to be written to `out`, and `out`.
+/// Lines waiting to be written to `out`, and `out`. Lock order: `out`, then `pending`.
 pub struct Buffered<W> {
     pending: std::sync::Mutex<Vec<u8>>,
-    out: std::sync::Mutex<W>,
+    out: std::sync::Mutex<Out<W>>,
+    /// Signalled when `pending` reaches [`FLUSH_BYTES`].
+    full: std::sync::Condvar,
+    /// A flusher thread writes the lines: the request path only gathers them.
+    flusher: AtomicBool,
+}
+
+struct Out<W> {
+    w: W,
+    /// The last batch's buffer, reused for the next.
+    spare: Vec<u8>,
 }
 
 impl<W: std::io::Write> Buffered<W> {
-    pub const fn new(out: W) -> Buffered<W> {
+    pub const fn new(w: W) -> Buffered<W> {
         Buffered {
             pending: std::sync::Mutex::new(Vec::new()),
-            out: std::sync::Mutex::new(out),
+            out: std::sync::Mutex::new(Out {
+                w,
+                spare: Vec::new(),
+            }),
+            full: std::sync::Condvar::new(),
+            flusher: AtomicBool::new(false),
         }
     }
 
-    /// Adds an access line; writes them all out when they take [`FLUSH_BYTES`].
+    /// Adds an access line. At [`FLUSH_BYTES`] the flusher thread is woken to write them, or,
+    /// without one, they are written here.
     pub fn access(&self, line: &[u8]) -> std::io::Result<()> {
         let mut pending = lock(&self.pending);
+        let before = pending.len();
         pending.extend_from_slice(line);
-        if pending.len() < FLUSH_BYTES {
-            return Ok(());
+        let len = pending.len();
+        drop(pending);
+        if !self.flusher.load(Ordering::Relaxed) {
+            if len >= FLUSH_BYTES {
+                return self.write_pending();
+            }
+        } else if len >= MAX_PENDING {
+            return self.write_pending();
+        } else if len >= FLUSH_BYTES && before < FLUSH_BYTES {
+            self.full.notify_one();
         }
-        let mut out = lock(&self.out);
-        let written = out.write_all(&pending);
-        pending.clear();
-        written
+        Ok(())
     }
 
     /// Writes another line at once, after the access lines waiting.
     pub fn other(&self, line: &[u8]) -> std::io::Result<()> {
-        let mut pending = lock(&self.pending);
         let mut out = lock(&self.out);
-        let written = out.write_all(&pending);
-        pending.clear();
-        written.and_then(|()| out.write_all(line))
+        let written = Self::write_batch(&mut out, &self.pending);
+        written.and_then(|()| out.w.write_all(line))
     }
 
     /// Writes out the access lines waiting.
     pub fn flush(&self) {
-        let mut pending = lock(&self.pending);
-        if pending.is_empty() {
-            return;
+        let _ = self.write_pending();
+    }
+
+    fn write_pending(&self) -> std::io::Result<()> {
+        Self::write_batch(&mut lock(&self.out), &self.pending)
+    }
+
+    /// Takes the lines waiting (the lock on `pending` is held only to swap buffers) and writes
+    /// them, holding `out`, so that nothing logged later is written before them.
+    fn write_batch(out: &mut Out<W>, pending: &std::sync::Mutex<Vec<u8>>) -> std::io::Result<()> {
+        std::mem::swap(&mut *lock(pending), &mut out.spare);
+        if out.spare.is_empty() {
+            return Ok(());
         }
-        let _ = lock(&self.out).write_all(&pending);
-        pending.clear();
+        let written = out.w.write_all(&out.spare);
+        out.spare.clear();
         // Memory for a burst's lines is not kept for ever.
-        pending.shrink_to(FLUSH_BYTES);
+        out.spare.shrink_to(FLUSH_BYTES);
+        written
+    }
+
+    /// Starts the thread that writes the lines gathered: every [`FLUSH_EVERY`], and as soon as
+    /// they take [`FLUSH_BYTES`].
+    pub fn spawn_flusher(&'static self)
+    where
+        W: Send,
+    {
+        let started = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || loop {
+                let pending = lock(&self.pending);
+                if pending.len() < FLUSH_BYTES {
+                    drop(self.full.wait_timeout(pending, FLUSH_EVERY));
+                } else {
+                    drop(pending);
+                }
+                self.flush();
+            });
+        self.flusher.store(started.is_ok(), Ordering::Relaxed);
     }
 
     pub fn into_inner(self) -> W {
-        self.out.into_inner().unwrap_or_else(|e| e.into_inner())
+        self.out.into_inner().unwrap_or_else(|e| e.into_inner()).w
     }
 }
 
@@ -365,20 +420,14 @@ impl std::io::Write for Stderr {
     }
 }
 
-/// Writes out the access lines waiting: called before the process exits, and every
-/// [`FLUSH_EVERY`] by [`start_flusher`].
+/// Writes out the access lines waiting: called before the process exits.
 pub fn flush() {
     STDERR.flush();
 }
 
-/// Starts the thread that writes waiting access lines out every [`FLUSH_EVERY`].
+/// Starts the thread that writes access lines out (see [`Buffered::spawn_flusher`]).
 pub fn start_flusher() {
-    let _ = std::thread::Builder::new()
-        .name("access-log".into())
-        .spawn(|| loop {
-            std::thread::sleep(FLUSH_EVERY);
-            flush();
-        });
+    STDERR.spawn_flusher();
 }
 
 /// `tracing_subscriber`'s writer for [`STDERR`]: one per log event, knowing whether it is an
@@ -535,22 +584,60 @@ mod tests {
         let b = Buffered::new(Vec::new());
         b.access(b"a1\n").unwrap();
         b.access(b"a2\n").unwrap();
-        assert!(lock(&b.out).is_empty(), "held");
+        assert!(lock(&b.out).w.is_empty(), "held");
         b.other(b"warn\n").unwrap();
-        assert_eq!(&*lock(&b.out), b"a1\na2\nwarn\n", "in the order logged");
+        assert_eq!(&*lock(&b.out).w, b"a1\na2\nwarn\n", "in the order logged");
         b.access(b"a3\n").unwrap();
         b.flush();
-        assert_eq!(&lock(&b.out)[11..], b"a3\n");
+        assert_eq!(&lock(&b.out).w[11..], b"a3\n");
 
         let line = vec![b'x'; 1000];
         for _ in 0..FLUSH_BYTES / 1000 {
             b.access(&line).unwrap();
         }
-        assert_eq!(lock(&b.out).len(), 14, "not yet");
+        assert_eq!(lock(&b.out).w.len(), 14, "not yet");
         b.access(&line).unwrap();
         assert_eq!(
             b.into_inner().len(),
             14 + FLUSH_BYTES + 1000 - FLUSH_BYTES % 1000
         );
+    }
+
+    /// A writer the test can read while the flusher thread writes to it.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_flusher_thread_writes_the_lines_in_the_order_logged() {
+        let seen = Shared::default();
+        let b: &'static Buffered<Shared> = Box::leak(Box::new(Buffered::new(seen.clone())));
+        b.spawn_flusher();
+        let line = vec![b'x'; 99];
+        let mut want = Vec::new();
+        for i in 0..2 * FLUSH_BYTES / 100 {
+            if i % 300 == 0 {
+                b.other(b"warn\n").unwrap();
+                want.extend_from_slice(b"warn\n");
+            }
+            b.access(&[&line[..], b"\n"].concat()).unwrap();
+            want.extend_from_slice(&line);
+            want.push(b'\n');
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lock(&seen.0).len() < want.len() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(*lock(&seen.0) == want, "every line, once, in order");
     }
 }
