@@ -8,14 +8,19 @@ only. Prints Markdown tables and writes target/bench/e2e.json.
 
 Usage: cargo build --release --bin shiftgate --example pingora_baseline --example constant_rate &&
        python3 benches/e2e/compare.py [--quick] [--before=PATH] [--after=PATH]
-                                      [--only=shift-change,one-token,pass-through,latency,memory]
+                                      [--only=shift-change,one-token,pass-through,latency,memory,
+                                              instructions]
 --after: the shiftgate binary to measure (default target/release/shiftgate, under
 $CARGO_TARGET_DIR instead of target/ when that is set); it also runs the emulator and the load
 generator, and examples/pingora_baseline and examples/constant_rate are looked for next to it.
 --before: a second shiftgate binary (e.g. a build of the code before a change); the shift-change
 and pass-through shiftgate rows are then measured for both in the same run, one after the other,
 labelled "shiftgate (before)" and "shiftgate (after)".
-Needs: nginx and wrk (Debian packages), the release binary.
+Needs: nginx and wrk (Debian packages), the release binary; `instructions` also valgrind.
+`instructions` counts the CPU instructions each proxy runs in user space per proxied request
+(valgrind's callgrind, 10 connections): unlike requests/s on a shared machine, the count does
+not move from one run to the next, so it shows a change in the proxy's own cost that wall-clock
+rounds cannot resolve. The kernel's part (the syscalls) is not in it.
 """
 import json
 import os
@@ -127,7 +132,8 @@ class Emulator:
         return http("GET", f"http://127.0.0.1:{self.port}/_emulator/stats")
 
 
-def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m", log="info", binary=BIN):
+def shiftgate(upstream_port, budget=None, workers=2, extra="", max_wait="10m", log="info", binary=BIN,
+              prefix=()):
     port, admin = free_port(), free_port()
     budgets = f'budgets:\n  presence: {{ rate: "{budget}" }}\n' if budget else ""
     route_budgets = f"    budgets: [presence]\n    max_wait: \"{max_wait}\"\n" if budget else ""
@@ -148,17 +154,17 @@ workers: {workers}
 {extra}""",
     )
     p = start(
-        [binary, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
+        [*prefix, binary, "run", "--config", cfg, "--upgrade-sock", os.path.join(TMP, f"up-{port}.sock"),
          "--pid-file", os.path.join(TMP, f"pid-{port}")],
         f"shiftgate-{port}",
         env={"RUST_LOG": log},
     )
-    wait_port(port)
-    wait_port(admin)
+    wait_port(port, 120 if prefix else 20)
+    wait_port(admin, 120 if prefix else 20)
     return p, port, admin
 
 
-def nginx(upstream_port, rate=None, workers=1):
+def nginx(upstream_port, rate=None, workers=1, prefix=()):
     port = free_port()
     d = os.path.join(TMP, f"nginx-{port}")
     os.makedirs(os.path.join(d, "logs"), exist_ok=True)
@@ -195,8 +201,10 @@ http {{
 }}
 """,
     )
-    p = start(["nginx", "-c", conf, "-p", d, "-g", "daemon off;"], f"nginx-{port}")
-    wait_port(port)
+    # Under valgrind: no master process, so that the worker is the process measured.
+    extra = " master_process off;" if prefix else ""
+    p = start([*prefix, "nginx", "-c", conf, "-p", d, "-g", "daemon off;" + extra], f"nginx-{port}")
+    wait_port(port, 120 if prefix else 20)
     return p, port
 
 
@@ -345,7 +353,8 @@ def wrk(port, seconds, conns=50):
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale,
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "requests": requests,
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
@@ -389,6 +398,67 @@ def pass_through(seconds, rounds):
         stop(p)
     for r in rows:
         print(f"  {r}", file=sys.stderr)
+    return rows
+
+
+def callgrind(start_way, seconds, load):
+    """User-space instructions of one proxy run under callgrind for `seconds`, loaded with wrk
+    (10 connections) or left idle: (requests answered, instructions). `start_way(prefix)` starts
+    the proxy with `prefix` before its command and returns (process, port, stop signal)."""
+    out = os.path.join(TMP, f"callgrind-{free_port()}.out")
+    p, port, sig = start_way(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+    requests = 0
+    if load:
+        requests = wrk(port, seconds, conns=10)["requests"]
+    else:
+        time.sleep(seconds)
+    p.send_signal(sig)
+    try:
+        p.wait(120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise RuntimeError(f"{start_way.__name__} did not stop under callgrind")
+    with open(out) as f:
+        totals = [int(line.split()[1]) for line in f if line.startswith(("summary:", "totals:"))]
+    return requests, totals[-1]
+
+
+def instructions(seconds):
+    """Instructions per proxied request: each way run once loaded and once idle for as long, and
+    the difference divided by the requests (start-up, and work done per second whatever the
+    load, cancel out)."""
+    emu = Emulator("token_rate_per_minute: 0\n")
+
+    def pingora(prefix):
+        port = free_port()
+        p = start([*prefix, example("pingora_baseline"), f"127.0.0.1:{port}", f"127.0.0.1:{emu.port}"],
+                  "pingora-baseline-callgrind")
+        wait_port(port, 120)
+        return p, port, signal.SIGINT
+
+    def nginx_way(prefix):
+        p, port = nginx(emu.port, None, workers=1, prefix=prefix)
+        return p, port, signal.SIGQUIT
+
+    ways = [(PINGORA_WAY + " (examples/pingora_baseline)", pingora), (NGINX_WAY, nginx_way)]
+    for log, variant in [("info", "access log on"), ("warn", "access log off")]:
+        for label, binary in SHIFTGATES:
+            def way(prefix, log=log, binary=binary):
+                p, port, _ = shiftgate(emu.port, None, workers=1, log=log, binary=binary, prefix=prefix)
+                return p, port, signal.SIGTERM
+            way.__name__ = label
+            ways.append((f"{label}, 1 worker, {variant}", way))
+    rows = []
+    for name, way in ways:
+        requests, loaded = callgrind(way, seconds, load=True)
+        _, idle = callgrind(way, seconds, load=False)
+        rows.append({"way": name, "requests": requests,
+                     "instructions_per_request": (loaded - idle) / max(requests, 1)})
+        print(f"  {rows[-1]}", file=sys.stderr)
+    bare = rows[0]["instructions_per_request"]
+    for r in rows:
+        r["x_bare_pingora"] = r["instructions_per_request"] / bare
+    stop(emu.proc)
     return rows
 
 
@@ -553,6 +623,9 @@ def main():
         if wanted("memory"):
             print("memory", file=sys.stderr)
             results["memory"] = memory(1000 if QUICK else 10000)
+        if wanted("instructions"):
+            print("instructions per request (callgrind)", file=sys.stderr)
+            results["instructions"] = instructions(5 if QUICK else 15)
     finally:
         for p in PROCS:
             if p.poll() is None:
@@ -618,6 +691,14 @@ def main():
                 added = r["added_p99_over_pingora_ms"]
                 print(f"{r['way']} at {r['rate']:.0f}/s adds {added:.3f} ms at p99 over bare Pingora: "
                       f"goal ≤ 0.2 ms {'met' if added <= 0.2 else 'NOT met'}")
+    if "instructions" in results:
+        print("\n### Instructions per proxied request (user space, callgrind, wrk -c10 GET, "
+              "emulator upstream without limits)\n")
+        print("| way | requests measured | instructions per request | × bare Pingora |")
+        print("|---|---|---|---|")
+        for r in results["instructions"]:
+            print(f"| {r['way']} | {r['requests']} | {r['instructions_per_request']:,.0f} | "
+                  f"{r['x_bare_pingora']:.3f} |")
     if "memory" not in results:
         return
     print("\n### Memory\n\n| way | waiting requests | RSS idle | RSS with them waiting | per waiting request |\n"
