@@ -197,12 +197,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
         // Its head is all it keeps while it waits.
         head.shrink_to_fit();
         let active = self.state.request_started();
-        let depth = self
-            .state
-            .metrics()
-            .queue_depth
-            .with_label_values(&[route.name.as_str()]);
-        let waiting = GaugeGuard::new(depth);
+        let waiting = self.state.metrics().waiting(&route.name);
         // While it waits, what the client sends (its body) is kept for Pingora, and the end of
         // the stream means it left. Past a bound nothing more is read; it waits unwatched.
         let watch_until = head.len() + cfg.limits.max_body_bytes.min(WATCH_BYTES);

@@ -418,6 +418,12 @@ impl Metrics {
         }
     }
 
+    /// `shiftgate_queue_depth{route}` + 1 until the guard is dropped: one request waiting for
+    /// slots (at the client edge, for a bulk call, or in the proxy's queue).
+    pub fn waiting(&self, route: &str) -> GaugeGuard {
+        GaugeGuard::new(self.queue_depth.with_label_values(&[route]))
+    }
+
     /// The per-request series of `route` (a configured route's name), made on first use.
     pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
         if let Some(found) = self.routes.read().get(route) {

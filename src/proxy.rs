@@ -200,12 +200,7 @@ impl Proxy {
             }
         };
         ctx._busy = Some(busy);
-        let depth = self
-            .state
-            .metrics()
-            .queue_depth
-            .with_label_values(&[route.name.as_str()]);
-        let waiting = GaugeGuard::new(depth);
+        let waiting = self.state.metrics().waiting(&route.name);
         let outcome = Self::unless_client_leaves(session, rx).await;
         drop(waiting);
         let answered = match outcome {
@@ -276,22 +271,16 @@ impl Proxy {
     }
 
     fn enter_queue(&self, ctx: &mut Ctx, ticket: Ticket, route: &str) {
-        let depth = self.state.metrics().queue_depth.with_label_values(&[route]);
         ctx.queued = Some(Queued {
             ticket,
-            _depth: GaugeGuard::new(depth),
+            _depth: self.state.metrics().waiting(route),
         });
     }
 
+    /// Called once routed (`ctx.metrics` is set with the route).
     fn observe_queue_wait(&self, ctx: &Ctx, waited: Duration) {
-        match &ctx.metrics {
-            Some(m) => m.queue_wait.observe(waited.as_secs_f64()),
-            None => self
-                .state
-                .metrics()
-                .queue_wait_seconds
-                .with_label_values(&[ctx.route_label()])
-                .observe(waited.as_secs_f64()),
+        if let Some(m) = &ctx.metrics {
+            m.queue_wait.observe(waited.as_secs_f64());
         }
     }
 
@@ -301,14 +290,9 @@ impl Proxy {
         let attempt = ctx.attempt.take()?;
         let d = attempt.started.elapsed();
         ctx.upstream_time += d;
-        match &ctx.metrics {
-            Some(m) => m.upstream_duration.observe(d.as_secs_f64()),
-            None => self
-                .state
-                .metrics()
-                .upstream_duration_seconds
-                .with_label_values(&[ctx.route_label()])
-                .observe(d.as_secs_f64()),
+        // An attempt is made only once routed.
+        if let Some(m) = &ctx.metrics {
+            m.upstream_duration.observe(d.as_secs_f64());
         }
         attempt.granted_at
     }
@@ -858,14 +842,8 @@ impl ProxyHttp for Proxy {
         }
         let granted_at = self.end_attempt(ctx);
         let route = ctx.route_label();
-        match &ctx.metrics {
-            Some(m) => m.count_upstream_response(status),
-            None => self
-                .state
-                .metrics()
-                .upstream_responses_total
-                .with_label_values(&[route, crate::metrics::status_label(status)])
-                .inc(),
+        if let Some(m) = &ctx.metrics {
+            m.count_upstream_response(status);
         }
         if status != 429 && !ctx.buckets.is_empty() {
             if let Some(granted_at) = granted_at {
