@@ -592,6 +592,15 @@ def memory(waiting):
     return rows
 
 
+def table(title, header, rows):
+    """A Markdown table under a `###` title: `header` and each row are lists of cells."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
 def main():
     if not os.path.isfile(BIN):
         sys.exit(f"build first: cargo build --release (no {BIN})")
@@ -638,46 +647,42 @@ def main():
         if key not in results:
             continue
         sc = results[key]
-        print(f"\n### Shift change {title}: {sc['agents']} agents x {sc['loops']} presence updates, "
-              f"upstream limit {sc['limit']}/s (ideal {sc['ideal_s']:.0f} s)\n")
-        print("| way | completion | ÷ ideal | 200s | client 429s | SDK retries | upstream 429s | p50 | p99 |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in sc["rows"]:
-            print(f"| {r['way']} | {r['completion_s']:.1f} s | {r['ratio']:.3f} | {r['answered_200']} | "
-                  f"{r['client_429']} | {r['sdk_retries']} | {r['upstream_429']} | "
-                  f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
+        table(f"Shift change {title}: {sc['agents']} agents x {sc['loops']} presence updates, "
+              f"upstream limit {sc['limit']}/s (ideal {sc['ideal_s']:.0f} s)",
+              ["way", "completion", "÷ ideal", "200s", "client 429s", "SDK retries", "upstream 429s",
+               "p50", "p99"],
+              [[r["way"], f"{r['completion_s']:.1f} s", f"{r['ratio']:.3f}", r["answered_200"],
+                r["client_429"], r["sdk_retries"], r["upstream_429"], f"{r['p50_ms']:.0f} ms",
+                f"{r['p99_ms']:.0f} ms"] for r in sc["rows"]])
     if "one_token" in results:
         ot = results["one_token"]
-        print(f"\n### One token (Genesys's 300/min): {ot['agents']} agents x {ot['loops']} presence updates, "
-              f"bulk calls limited to 10/s\n")
-        print("| way | completion | ideal | 200s | client 429s | upstream 429s | upstream requests | p50 | p99 |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in ot["rows"]:
-            print(f"| {r['way']} | {r['completion_s']:.1f} s | {r['ideal_s']:.1f} s | {r['answered_200']} | "
-                  f"{r['client_429']} | {r['upstream_429']} | {r['upstream_requests']} | "
-                  f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms |")
+        table(f"One token (Genesys's 300/min): {ot['agents']} agents x {ot['loops']} presence updates, "
+              f"bulk calls limited to 10/s",
+              ["way", "completion", "ideal", "200s", "client 429s", "upstream 429s", "upstream requests",
+               "p50", "p99"],
+              [[r["way"], f"{r['completion_s']:.1f} s", f"{r['ideal_s']:.1f} s", r["answered_200"],
+                r["client_429"], r["upstream_429"], r["upstream_requests"], f"{r['p50_ms']:.0f} ms",
+                f"{r['p99_ms']:.0f} ms"] for r in ot["rows"]])
     if "pass_through" in results:
         rounds = len(results["pass_through"][0]["rounds"])
-        print(f"\n### Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits; "
-              f"median of {rounds} rounds, every way measured in turn in each)\n")
-        print("| way | requests/s | × bare Pingora | p99 | each round | non-2xx |")
-        print("|---|---|---|---|---|---|")
-        for r in results["pass_through"]:
-            ratio = f"{r['x_bare_pingora']:.2f}" if "x_bare_pingora" in r else "-"
-            each = " / ".join(f"{x:.0f}" for x in r["rounds"])
-            print(f"| {r['way']} | {r['rps']:.0f} | {ratio} | {r['p99_ms']:.2f} ms | {each} | {r['non_2xx']} |")
+        table(f"Pass-through overhead (wrk -t1 -c50, GET, emulator upstream without limits; "
+              f"median of {rounds} rounds, every way measured in turn in each)",
+              ["way", "requests/s", "× bare Pingora", "p99", "each round", "non-2xx"],
+              [[r["way"], f"{r['rps']:.0f}",
+                f"{r['x_bare_pingora']:.2f}" if "x_bare_pingora" in r else "-", f"{r['p99_ms']:.2f} ms",
+                " / ".join(f"{x:.0f}" for x in r["rounds"]), r["non_2xx"]]
+               for r in results["pass_through"]])
     if "latency" in results:
         lat = results["latency"]
-        print(f"\n### Latency at a constant rate (open loop, {lat[0]['seconds']:.0f} s per row, "
-              f"GET, emulator upstream without limits)\n")
-        print("| way | rate | achieved | p50 | p99 | p99.9 | added p99 over bare Pingora | added p99 over nginx |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in lat:
-            added = [("—" if r["way"] == ref else f"{r[key]:+.3f} ms")
-                     for key, ref in [("added_p99_over_pingora_ms", PINGORA_WAY),
-                                      ("added_p99_over_nginx_ms", NGINX_WAY)]]
-            print(f"| {r['way']} | {r['rate']:.0f}/s | {r['achieved_rate']:.0f}/s | {r['p50_ms']:.3f} ms | "
-                  f"{r['p99_ms']:.3f} ms | {r['p99_9_ms']:.3f} ms | {added[0]} | {added[1]} |")
+        table(f"Latency at a constant rate (open loop, {lat[0]['seconds']:.0f} s per row, "
+              f"GET, emulator upstream without limits)",
+              ["way", "rate", "achieved", "p50", "p99", "p99.9", "added p99 over bare Pingora",
+               "added p99 over nginx"],
+              [[r["way"], f"{r['rate']:.0f}/s", f"{r['achieved_rate']:.0f}/s", f"{r['p50_ms']:.3f} ms",
+                f"{r['p99_ms']:.3f} ms", f"{r['p99_9_ms']:.3f} ms",
+                *[("—" if r["way"] == ref else f"{r[key]:+.3f} ms")
+                  for key, ref in [("added_p99_over_pingora_ms", PINGORA_WAY),
+                                   ("added_p99_over_nginx_ms", NGINX_WAY)]]] for r in lat])
         print()
         for r in lat:
             if r["errors"]:
@@ -689,24 +694,22 @@ def main():
                       f"{r['send_lag_p99_ms']:.3f} ms late at p99 (the machine was busy)")
             if r["way"].startswith("shiftgate"):
                 added = r["added_p99_over_pingora_ms"]
+                # A generator later than the goal itself leaves the verdict to chance.
+                verdict = ("not judged: the generator was later than the goal"
+                           if r["send_lag_p99_ms"] > 0.2 else "met" if added <= 0.2 else "NOT met")
                 print(f"{r['way']} at {r['rate']:.0f}/s adds {added:.3f} ms at p99 over bare Pingora: "
-                      f"goal ≤ 0.2 ms {'met' if added <= 0.2 else 'NOT met'}")
+                      f"goal ≤ 0.2 ms {verdict}")
     if "instructions" in results:
-        print("\n### Instructions per proxied request (user space, callgrind, wrk -c10 GET, "
-              "emulator upstream without limits)\n")
-        print("| way | requests measured | instructions per request | × bare Pingora |")
-        print("|---|---|---|---|")
-        for r in results["instructions"]:
-            print(f"| {r['way']} | {r['requests']} | {r['instructions_per_request']:,.0f} | "
-                  f"{r['x_bare_pingora']:.3f} |")
-    if "memory" not in results:
-        return
-    print("\n### Memory\n\n| way | waiting requests | RSS idle | RSS with them waiting | per waiting request |\n"
-          "|---|---|---|---|---|")
-    for m in results["memory"]:
-        print(f"| {m['way']} | {m['waiting']} | {m['rss_idle_kib'] / 1024:.1f} MiB | "
-              f"{m['rss_loaded_kib'] / 1024:.1f} MiB | {m['kib_per_waiting_request']:.1f} KiB |")
-
+        table("Instructions per proxied request (user space, callgrind, wrk -c10 GET, "
+              "emulator upstream without limits)",
+              ["way", "requests measured", "instructions per request", "× bare Pingora"],
+              [[r["way"], r["requests"], f"{r['instructions_per_request']:,.0f}",
+                f"{r['x_bare_pingora']:.3f}"] for r in results["instructions"]])
+    if "memory" in results:
+        table("Memory", ["way", "waiting requests", "RSS idle", "RSS with them waiting", "per waiting request"],
+              [[m["way"], m["waiting"], f"{m['rss_idle_kib'] / 1024:.1f} MiB",
+                f"{m['rss_loaded_kib'] / 1024:.1f} MiB", f"{m['kib_per_waiting_request']:.1f} KiB"]
+               for m in results["memory"]])
 
 if __name__ == "__main__":
     main()
