@@ -448,6 +448,14 @@ def instructions(seconds):
                 return p, port, signal.SIGTERM
             way.__name__ = label
             ways.append((f"{label}, 1 worker, {variant}", way))
+    # As the shipped config is: the presence route paced, so the client edge reads every head
+    # first (the GET measured is on the unpaced default route).
+    for label, binary in SHIFTGATES:
+        def paced_way(prefix, binary=binary):
+            p, port, _ = shiftgate(emu.port, "100/s", workers=1, binary=binary, prefix=prefix)
+            return p, port, signal.SIGTERM
+        paced_way.__name__ = label
+        ways.append((f"{label}, 1 worker, access log on, presence route paced", paced_way))
     rows = []
     for name, way in ways:
         requests, loaded = callgrind(way, seconds, load=True)
