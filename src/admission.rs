@@ -69,9 +69,7 @@ pub fn at_edge(
     head: &[u8],
     peer: Option<IpAddr>,
 ) -> Option<EdgeRequest> {
-    // With replicas, the shared budget's leases count on a grant being used at once; the
-    // proxy's hook admits those, right before the upstream call, as before the edge queued.
-    if head.len() > MAX_HEAD_BYTES || cfg.cluster.is_some() || !cfg.paces_at_edge() {
+    if head.len() > MAX_HEAD_BYTES || !cfg.queues_at_edge() {
         return None;
     }
     // The request line alone first: most requests of an unpaced route stop here, and Pingora

@@ -155,7 +155,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
     /// counts a queued request as active until its answer.
     async fn admit(&self, stream: &mut Deadlined<Stream>) -> Option<Option<ActiveRequest>> {
         let cfg = self.state.config();
-        if cfg.cluster.is_some() || !cfg.paces_at_edge() {
+        if !cfg.queues_at_edge() {
             // Nothing the edge could queue: Pingora reads the head, once.
             return Some(None);
         }

@@ -467,12 +467,16 @@ pub struct ClusterSettings {
 }
 
 impl Config {
-    /// Whether any route is paced without coalescing: the routes whose requests the client
-    /// edge can queue (see `admission::at_edge`).
-    pub fn paces_at_edge(&self) -> bool {
-        self.routes
-            .iter()
-            .any(|r| !r.budgets.is_empty() && r.coalesce.is_none())
+    /// Whether the client edge can queue any request under this config (see
+    /// `admission::at_edge`): some route is paced without coalescing, and there are no
+    /// replicas (the shared budget's leases count on a grant being used at once; the proxy's
+    /// hook admits those, right before the upstream call).
+    pub fn queues_at_edge(&self) -> bool {
+        self.cluster.is_none()
+            && self
+                .routes
+                .iter()
+                .any(|r| !r.budgets.is_empty() && r.coalesce.is_none())
     }
 
     /// The longest a stop takes, SIGTERM to exit: `shutdown.drain_timeout` (requests already
