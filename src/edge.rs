@@ -66,6 +66,17 @@ const HEAD_READ: usize = 1024;
 /// read and kept; past it the connection is no longer watched for the client leaving.
 const WATCH_BYTES: usize = 64 * 1024;
 
+/// What is written to a client is gathered up to this much and sent at the next flush. Pingora
+/// (0.9.1) flushes when an answer is complete, after a 1xx head, after each chunk of a chunked
+/// answer and after a head without `Content-Length`, so a small answer's head and body leave in
+/// one `write(2)`, where Pingora's own write buffer (one 1,460-byte segment) sends them in two.
+/// A write this large, with nothing gathered before it, goes straight out.
+const WRITE_GATHER: usize = 16 * 1024;
+
+/// A gathering buffer up to this size is kept for the connection's next answer once sent; a
+/// larger one is given back.
+const WRITE_KEEP: usize = 4 * 1024;
+
 /// At most one log line per this long about refused connections: a flood must not flood the log.
 const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -196,6 +207,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> Edge<A> {
         let arrived = Instant::now();
         // Its head is all it keeps while it waits.
         head.shrink_to_fit();
+        stream.release_write_buffer();
         let active = self.state.request_started();
         let waiting = self.state.metrics().waiting(&route.name);
         // While it waits, what the client sends (its body) is kept for Pingora, and the end of
@@ -445,7 +457,8 @@ enum Phase {
 }
 
 /// A client stream whose reads enforce the head and idle timers (see [`Phase`]), replay what
-/// the edge read ahead of Pingora, and carry the edge's admission of the request to the proxy.
+/// the edge read ahead of Pingora, and carry the edge's admission of the request to the proxy;
+/// its writes are gathered until a flush ([`WRITE_GATHER`]).
 pub struct Deadlined<S> {
     inner: S,
     phase: Phase,
@@ -457,6 +470,9 @@ pub struct Deadlined<S> {
     replayed: usize,
     /// Set by the edge, taken by the proxy's first hook (which sees the stream only by `&`).
     admitted: Mutex<Option<Admitted>>,
+    /// What was written and not yet sent (see [`Deadlined::poll_drain`]); `sent` of it went out.
+    out: Vec<u8>,
+    sent: usize,
 }
 
 impl<S> Deadlined<S> {
@@ -470,6 +486,8 @@ impl<S> Deadlined<S> {
             replay: Vec::new(),
             replayed: 0,
             admitted: Mutex::new(None),
+            out: Vec::new(),
+            sent: 0,
         }
     }
 
@@ -513,6 +531,14 @@ impl<S> Deadlined<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// Gives back the gathering buffer: the connection's request is about to wait, with
+    /// nothing to send until its answer.
+    pub fn release_write_buffer(&mut self) {
+        if self.out.is_empty() {
+            self.out = Vec::new();
+        }
     }
 
     fn expired_error(&self) -> std::io::Error {
@@ -651,16 +677,43 @@ impl HeadEnd {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The rest of Pingora's `IO` for a wrapped client stream: delegated as is.
+impl<S: AsyncWrite + Unpin> Deadlined<S> {
+    /// Sends everything gathered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        if self.out.capacity() > WRITE_KEEP {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
 
+/// Writes are gathered (see [`WRITE_GATHER`]), as a `BufWriter` would, into a buffer that is
+/// only there while an answer is being written.
 impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlined<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.out.len() + buf.len() > WRITE_GATHER {
+            ready!(this.poll_drain(cx))?;
+            if buf.len() >= WRITE_GATHER {
+                return Pin::new(&mut this.inner).poll_write(cx, buf);
+            }
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_write_vectored(
@@ -668,21 +721,37 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlined<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let len = bufs.iter().map(|b| b.len()).sum::<usize>();
+        if this.out.len() + len > WRITE_GATHER {
+            ready!(this.poll_drain(cx))?;
+            if len >= WRITE_GATHER {
+                return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+            }
+        }
+        for b in bufs {
+            this.out.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The rest of Pingora's `IO` for a wrapped client stream: delegated as is.
 
 impl<S> fmt::Debug for Deadlined<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -695,7 +764,10 @@ impl<S> fmt::Debug for Deadlined<S> {
 #[async_trait]
 impl Shutdown for Deadlined<Stream> {
     async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await
+        // What was gathered goes first; a client gone by now gets nothing either way.
+        if std::future::poll_fn(|cx| self.poll_drain(cx)).await.is_ok() {
+            Shutdown::shutdown(&mut *self.inner).await
+        }
     }
 }
 
@@ -817,6 +889,71 @@ mod tests {
     async fn read_some(s: &mut Deadlined<DuplexStream>) -> std::io::Result<usize> {
         let mut buf = [0u8; 256];
         s.read(&mut buf).await
+    }
+
+    /// Records each write it is given, whole.
+    #[derive(Default)]
+    struct Sink {
+        writes: Vec<Vec<u8>>,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Sink {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answers_head_and_body_leave_in_one_write_at_the_flush() {
+        let mut s = Deadlined::new(Sink::default(), T);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(b"{}").await.unwrap();
+        assert!(s.inner.writes.is_empty(), "nothing sent before the flush");
+        s.flush().await.unwrap();
+        assert_eq!(
+            s.inner.writes,
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_vec()]
+        );
+
+        // A large body: what was gathered goes first, the body straight after, uncopied; the
+        // large buffer is not kept.
+        let body = vec![b'x'; WRITE_GATHER];
+        s.write_all(b"head").await.unwrap();
+        s.write_all(&body).await.unwrap();
+        assert_eq!(s.inner.writes[1..], [b"head".to_vec(), body]);
+        s.write_all(&[b'y'; WRITE_KEEP + 1]).await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(
+            s.out.capacity(),
+            0,
+            "a buffer over WRITE_KEEP is given back"
+        );
+
+        // Closing sends what is gathered first.
+        s.write_all(b"cut here").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(s.inner.writes.last().unwrap(), b"cut here");
+        assert!(s.inner.shut);
     }
 
     #[tokio::test(start_paused = true)]

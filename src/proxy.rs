@@ -992,7 +992,15 @@ impl ProxyHttp for Proxy {
                 let _ = session.respond_error(500).await;
                 500
             }
-            _ => 0,
+            _ => {
+                if !ctx.client_gone && session.response_written().is_some() {
+                    // The answer failed part way (the upstream cut it): what of it is still
+                    // gathered at the client edge (`edge::WRITE_GATHER`) goes out, then the
+                    // connection closes, so the client sees it cut where the upstream cut it.
+                    session.as_downstream_mut().shutdown().await;
+                }
+                0
+            }
         };
         FailToProxy {
             error_code: code,

@@ -126,9 +126,10 @@ pub fn run(config: Config, opts: RunOptions) -> ! {
     let mut proxy = Service::new("shiftgate proxy".to_string(), Edge::new(app, state.clone()));
     // Pingora's default gives every client connection a 64 KiB read buffer up front; with
     // thousands of clients waiting in the queue that is most of the memory. Requests are read
-    // into Pingora's own (4 KiB, growing) header buffer anyway, so read unbuffered; keep one
-    // segment of write buffer to coalesce small writes.
-    let buffers = || pingora::listeners::L4BufferSettings::new(0, 1460);
+    // into Pingora's own (4 KiB, growing) header buffer anyway, so read unbuffered. Writes are
+    // gathered by the edge, only while an answer is written (`edge::WRITE_GATHER`), so
+    // Pingora's write buffer (1,460 bytes a connection, for its whole life) is left out too.
+    let buffers = pingora::listeners::L4BufferSettings::unbuffered;
     proxy.add_listener(ListenerConfig::tcp(listen.to_string()).l4_buffer(buffers()));
     if let (Some(tls), Some(cert)) = (&tls, state.cert_resolver()) {
         // The paths are ignored: the resolver serves the pair the config loaded (and reloads).
