@@ -473,6 +473,10 @@ pub struct Deadlined<S> {
     /// What was written and not yet sent (see [`Deadlined::poll_drain`]); `sent` of it went out.
     out: Vec<u8>,
     sent: usize,
+    /// Some of the answer under way has been sent: it can no longer be replaced.
+    sent_any: bool,
+    /// An answer to send in place of the one under way (see [`Deadlined::answer_instead`]).
+    instead: Mutex<Option<Vec<u8>>>,
 }
 
 impl<S> Deadlined<S> {
@@ -488,12 +492,15 @@ impl<S> Deadlined<S> {
             admitted: Mutex::new(None),
             out: Vec::new(),
             sent: 0,
+            sent_any: false,
+            instead: Mutex::new(None),
         }
     }
 
     /// The answer is out; the next request starts, idle first, with these timeouts.
     pub fn between_requests(&mut self, timeouts: Timeouts) {
         self.phase = Phase::Idle;
+        self.sent_any = false;
         self.header_timeout = timeouts.header;
         let idle_until = tokio::time::Instant::now() + timeouts.idle;
         self.timer.as_mut().reset(idle_until);
@@ -531,6 +538,17 @@ impl<S> Deadlined<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// Puts `answer` (a whole HTTP/1 answer that closes the connection) in place of the answer
+    /// under way, if none of that has been sent yet; it goes out, alone, when the connection is
+    /// shut down. False when part of the answer under way has gone out already.
+    pub fn answer_instead(&self, answer: Vec<u8>) -> bool {
+        if self.sent_any {
+            return false;
+        }
+        *self.instead.lock().unwrap_or_else(|e| e.into_inner()) = Some(answer);
+        true
     }
 
     /// Gives back the gathering buffer: the connection's request is about to wait, with
@@ -686,6 +704,7 @@ impl<S: AsyncWrite + Unpin> Deadlined<S> {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.sent += n;
+            self.sent_any = true;
         }
         if self.out.capacity() > WRITE_KEEP {
             self.out = Vec::new();
@@ -694,6 +713,27 @@ impl<S: AsyncWrite + Unpin> Deadlined<S> {
         }
         self.sent = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Before a shutdown: the answer put in place of the one under way, if any, replaces what
+    /// was gathered of that one.
+    fn swap_in_instead(&mut self) {
+        if let Some(answer) = self
+            .instead
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            self.out = answer;
+            self.sent = 0;
+        }
+    }
+
+    /// A write straight to the socket, bypassing the gathering buffer.
+    fn note_sent(&mut self, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.sent_any = true;
+        }
     }
 }
 
@@ -709,7 +749,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlined<S> {
         if this.out.len() + buf.len() > WRITE_GATHER {
             ready!(this.poll_drain(cx))?;
             if buf.len() >= WRITE_GATHER {
-                return Pin::new(&mut this.inner).poll_write(cx, buf);
+                let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+                this.note_sent(&written);
+                return written;
             }
         }
         this.out.extend_from_slice(buf);
@@ -726,7 +768,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlined<S> {
         if this.out.len() + len > WRITE_GATHER {
             ready!(this.poll_drain(cx))?;
             if len >= WRITE_GATHER {
-                return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+                let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+                this.note_sent(&written);
+                return written;
             }
         }
         for b in bufs {
@@ -745,6 +789,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlined<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.swap_in_instead();
         ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
@@ -765,6 +810,7 @@ impl<S> fmt::Debug for Deadlined<S> {
 impl Shutdown for Deadlined<Stream> {
     async fn shutdown(&mut self) {
         // What was gathered goes first; a client gone by now gets nothing either way.
+        self.swap_in_instead();
         if std::future::poll_fn(|cx| self.poll_drain(cx)).await.is_ok() {
             Shutdown::shutdown(&mut *self.inner).await
         }
@@ -954,6 +1000,32 @@ mod tests {
         s.shutdown().await.unwrap();
         assert_eq!(s.inner.writes.last().unwrap(), b"cut here");
         assert!(s.inner.shut);
+    }
+
+    #[tokio::test]
+    async fn an_answer_none_of_which_was_sent_is_replaced_at_the_close() {
+        const INSTEAD: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n";
+        let mut s = Deadlined::new(Sink::default(), T);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhalf")
+            .await
+            .unwrap();
+        assert!(s.answer_instead(INSTEAD.to_vec()));
+        s.shutdown().await.unwrap();
+        assert_eq!(s.inner.writes, vec![INSTEAD.to_vec()], "the 200 never left");
+
+        // Once part of an answer is out, it is not replaced: the rest gathered goes out.
+        let mut s = Deadlined::new(Sink::default(), T);
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhalf")
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        s.write_all(b"more").await.unwrap();
+        assert!(!s.answer_instead(INSTEAD.to_vec()));
+        s.shutdown().await.unwrap();
+        assert_eq!(s.inner.writes.last().unwrap(), b"more");
+        // The connection's next answer could be again.
+        s.between_requests(T);
+        assert!(s.answer_instead(INSTEAD.to_vec()));
     }
 
     #[tokio::test(start_paused = true)]

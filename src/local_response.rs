@@ -177,6 +177,11 @@ impl LocalResponse {
     /// assert!(text.ends_with(&format!("\r\n\r\n{}", a.body())));
     /// ```
     pub fn http1_closing(&self) -> Vec<u8> {
+        self.http1_closing_with(&[])
+    }
+
+    /// [`LocalResponse::http1_closing`] with `extra` headers besides its own.
+    pub fn http1_closing_with(&self, extra: &[(&str, String)]) -> Vec<u8> {
         let status = self.reason.status();
         let phrase = http::StatusCode::from_u16(status)
             .ok()
@@ -187,7 +192,7 @@ impl LocalResponse {
             "HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
         );
-        for (name, value) in self.headers() {
+        for (name, value) in self.headers().iter().chain(extra) {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("Connection: close\r\n\r\n");

@@ -81,6 +81,9 @@ pub struct Ctx {
     reason: Option<Reason>,
     /// Our own answer, when a hook decided it whole (`fail_to_proxy` writes it).
     local_answer: Option<LocalResponse>,
+    /// The status of our answer when it went out in place of the upstream's, which broke off
+    /// before any of it was sent ([`Proxy::answer_broke_off`]).
+    status_instead: Option<u16>,
     /// The most body bytes any attempt has seen so far.
     body_bytes: usize,
     /// Body bytes of the attempt in progress (a retry replays the start of the body, then the
@@ -127,6 +130,54 @@ impl Ctx {
 
 impl Proxy {
     /// Writes one of the proxy's own answers and counts it.
+    /// An answer that failed after its head was written, nearly always because the upstream
+    /// cut its body. When none of it has left the client edge yet (it is gathered there until
+    /// the answer is complete, `edge::WRITE_GATHER`), the client gets our `502` (or `504`) in
+    /// its place; otherwise what was gathered goes out and the connection closes, so the
+    /// client sees the answer cut where the upstream cut it. The status the client got (0: the
+    /// cut answer).
+    async fn answer_broke_off(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        reason: Option<Reason>,
+        e: &Error,
+    ) -> u16 {
+        let instead = reason
+            .filter(|r| matches!(r, Reason::UpstreamUnreachable | Reason::UpstreamTimeout))
+            .filter(|&r| {
+                let mut answer = LocalResponse::new(
+                    r,
+                    format!("the upstream's answer broke off: {}", e.etype().as_str()),
+                );
+                // The upstream's id, as the access line has it (Genesys support can trace it).
+                if let Some(id) = session
+                    .response_written()
+                    .and_then(|h| h.headers.get("inin-correlation-id"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    answer.correlation_id = id.to_string();
+                }
+                let headers: Vec<_> = shiftgate_headers(ctx)
+                    .map(|(name, n)| (name, n.to_string()))
+                    .collect();
+                let bytes = answer.http1_closing_with(&headers);
+                downstream_edge(session).is_some_and(|s| s.answer_instead(bytes))
+            });
+        session.as_downstream_mut().shutdown().await;
+        let Some(reason) = instead else {
+            return 0;
+        };
+        self.state
+            .metrics()
+            .rejections_total
+            .with_label_values(&[ctx.route_label(), reason.label()])
+            .inc();
+        ctx.reason = Some(reason);
+        ctx.status_instead = Some(reason.status());
+        reason.status()
+    }
+
     async fn answer(&self, session: &mut Session, ctx: &mut Ctx, answer: LocalResponse) {
         let route = ctx.route_label();
         self.state
@@ -386,15 +437,21 @@ impl Proxy {
 }
 
 fn add_shiftgate_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
-    let waited = u64::try_from(ctx.waited.as_millis()).unwrap_or(u64::MAX);
-    let _ = resp.insert_header("X-Shiftgate-Wait-Ms", number_value(waited));
-    let _ = resp.insert_header("X-Shiftgate-Attempts", number_value(ctx.attempts.into()));
-    if let Some(batch) = ctx.batch {
-        let _ = resp.insert_header(
-            "X-Shiftgate-Batch",
-            number_value(u64::try_from(batch).unwrap_or(u64::MAX)),
-        );
+    for (name, n) in shiftgate_headers(ctx) {
+        let _ = resp.insert_header(name, number_value(n));
     }
+}
+
+/// The `X-Shiftgate-*` headers every answer to a proxied request carries, with their values.
+fn shiftgate_headers(ctx: &Ctx) -> impl Iterator<Item = (&'static str, u64)> {
+    let waited = u64::try_from(ctx.waited.as_millis()).unwrap_or(u64::MAX);
+    let batch = ctx.batch.map(|b| u64::try_from(b).unwrap_or(u64::MAX));
+    [
+        ("X-Shiftgate-Wait-Ms", waited),
+        ("X-Shiftgate-Attempts", ctx.attempts.into()),
+    ]
+    .into_iter()
+    .chain(batch.map(|b| ("X-Shiftgate-Batch", b)))
 }
 
 /// `n` as a header value; a single digit (no wait, one attempt: most answers) without
@@ -469,6 +526,7 @@ impl ProxyHttp for Proxy {
             upstream_time: Duration::ZERO,
             reason: None,
             local_answer: None,
+            status_instead: None,
             body_bytes: 0,
             attempt_body_bytes: 0,
             body_read_up_front: false,
@@ -992,15 +1050,10 @@ impl ProxyHttp for Proxy {
                 let _ = session.respond_error(500).await;
                 500
             }
-            _ => {
-                if !ctx.client_gone && session.response_written().is_some() {
-                    // The answer failed part way (the upstream cut it): what of it is still
-                    // gathered at the client edge (`edge::WRITE_GATHER`) goes out, then the
-                    // connection closes, so the client sees it cut where the upstream cut it.
-                    session.as_downstream_mut().shutdown().await;
-                }
-                0
+            _ if !ctx.client_gone && session.response_written().is_some() => {
+                self.answer_broke_off(session, ctx, reason, e).await
             }
+            _ => 0,
         };
         FailToProxy {
             error_code: code,
@@ -1018,7 +1071,9 @@ impl ProxyHttp for Proxy {
         self.end_attempt(ctx);
         ctx.queued = None;
         let route = ctx.route_label();
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let status = ctx
+            .status_instead
+            .unwrap_or_else(|| session.response_written().map_or(0, |r| r.status.as_u16()));
         let m = self.state.metrics();
         if status > 0 && !ctx.client_gone {
             let took = ctx.arrived.elapsed().as_secs_f64();
@@ -1081,13 +1136,14 @@ impl ProxyHttp for Proxy {
     }
 }
 
+/// The client's stream as the client edge wrapped it (see [`crate::edge`]).
+fn downstream_edge(session: &Session) -> Option<&Deadlined<pingora::protocols::Stream>> {
+    session.as_downstream().stream()?.as_any().downcast_ref()
+}
+
 /// The request's admission at the client edge, when it waited there (see [`crate::edge`]).
 fn edge_admission(session: &Session) -> Option<Admitted> {
-    let stream = session.as_downstream().stream()?;
-    stream
-        .as_any()
-        .downcast_ref::<Deadlined<pingora::protocols::Stream>>()?
-        .take_admitted()
+    downstream_edge(session)?.take_admitted()
 }
 
 /// The client's address (see [`crate::forwarded::client_ip`]): the socket peer, or behind

@@ -197,6 +197,41 @@ async fn upstream_resetting_mid_answer() {
     for status in tally.statuses.keys() {
         assert!([200, 502].contains(status), "{:?}", tally.statuses);
     }
+    // The emulator's answers are small: none of a cut one had left the proxy when the upstream
+    // cut it, so the client got the proxy's 502 in its place, never a cut answer.
+    assert_eq!(tally.cut, 0, "{:?}", tally.statuses);
+    assert_eq!(
+        tally.statuses.get(&502).copied(),
+        Some(tally.upstream_cuts),
+        "one 502 per answer the upstream cut"
+    );
+    // Such a 502 is the proxy's own answer, carrying the upstream's correlation id.
+    let broke = loop {
+        let a = request(
+            proxy.addr(),
+            Method::GET,
+            DEFINITIONS_PATH,
+            &[("Authorization", "Bearer fault-0")],
+            Bytes::new(),
+        )
+        .await
+        .expect("answered");
+        if a.status == 502 {
+            break a;
+        }
+    };
+    let body: serde_json::Value = serde_json::from_slice(&broke.body).unwrap();
+    assert_eq!(body["code"], "shiftgate.upstream.unreachable");
+    assert!(
+        body["message"].as_str().unwrap().contains("broke off"),
+        "{body}"
+    );
+    assert_eq!(
+        broke.headers["inin-correlation-id"].to_str().unwrap(),
+        body["contextId"]
+    );
+    assert_eq!(broke.headers["x-shiftgate-attempts"], "1");
+    assert_eq!(broke.headers["connection"], "close");
     tally.report("upstream resetting mid-answer", Duration::from_secs(5));
 }
 
