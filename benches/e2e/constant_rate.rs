@@ -6,6 +6,12 @@
 //! `constant_rate --target 127.0.0.1:PORT --rate 1000 --seconds 15 --warmup 3 --connections 64`
 //! prints one JSON object. Used by `benches/e2e/compare.py --only=latency`.
 //!
+//! With `--target` given more than once, every target gets the whole rate from the same pacer at
+//! the same moments (target k's requests offset by k / (targets × rate)), and one JSON line is
+//! printed per target, in the order given. The servers are then measured through the same
+//! seconds of the machine's life: a stall of the machine, or of this generator, is in all of
+//! them, so the difference between two targets' figures is the servers' own.
+//!
 //! A pool of keep-alive connections carries one request each at a time; a request that falls due
 //! while every connection is busy waits for the next free one, its latency still counted from its
 //! due time. The requests are written by hand and the answers parsed just enough to find their
@@ -26,10 +32,10 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 struct Args {
-    /// The server, on loopback
-    #[arg(long)]
-    target: SocketAddr,
-    /// Requests per second
+    /// The server, on loopback; repeat it to measure several side by side
+    #[arg(long, required = true)]
+    target: Vec<SocketAddr>,
+    /// Requests per second, to each target
     #[arg(long)]
     rate: f64,
     /// Measured seconds, after the warm-up
@@ -64,69 +70,101 @@ struct Tally {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(
-        args.target.ip().is_loopback(),
-        "--target must be a loopback address, not {}",
-        args.target
-    );
+    for target in &args.target {
+        anyhow::ensure!(
+            target.ip().is_loopback(),
+            "--target must be a loopback address, not {target}"
+        );
+    }
     anyhow::ensure!(args.rate > 0.0, "--rate must be above 0");
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
     // One thread is enough at these rates, and leaves the other core to the server measured.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run(&args));
-    println!("{report}");
+    for report in runtime.block_on(run(&args)) {
+        println!("{report}");
+    }
     Ok(())
 }
 
-async fn run(args: &Args) -> serde_json::Value {
-    let request = format!(
-        "GET /api/v2/presence/definitions HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer bench\r\n\r\n",
-        args.target
-    );
-    let request: Arc<[u8]> = request.into_bytes().into();
-    // Connected before the clock starts, so that no measured request waits for a handshake.
-    let mut conns = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        let mut conn = Conn::new(args.target);
-        // A failed connect is retried by the first request on it, and counted there.
-        let _ = conn.connect().await;
-        conns.push(conn);
+async fn run(args: &Args) -> Vec<serde_json::Value> {
+    let mut senders = Vec::with_capacity(args.target.len());
+    let mut pools = Vec::with_capacity(args.target.len());
+    for &target in &args.target {
+        let request = format!(
+            "GET /api/v2/presence/definitions HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer bench\r\n\r\n"
+        );
+        let request: Arc<[u8]> = request.into_bytes().into();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        // Connected before the clock starts, so that no measured request waits for a handshake.
+        let mut workers = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            let mut conn = Conn::new(target);
+            // A failed connect is retried by the first request on it, and counted there.
+            let _ = conn.connect().await;
+            workers.push((conn, rx.clone(), request.clone()));
+        }
+        senders.push(tx);
+        pools.push(workers);
     }
-
-    let (tx, rx) = mpsc::unbounded_channel();
-    let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = conns
+    let pools: Vec<Vec<_>> = pools
         .into_iter()
-        .map(|conn| tokio::spawn(work(conn, rx.clone(), request.clone())))
+        .map(|pool| {
+            pool.into_iter()
+                .map(|(conn, rx, request)| tokio::spawn(work(conn, rx, request)))
+                .collect()
+        })
         .collect();
 
     let start = Instant::now() + Duration::from_millis(10);
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let total = ((args.warmup + args.seconds) * args.rate).round() as u64;
     let rate = args.rate;
-    let pacer = std::thread::spawn(move || pace(tx, start, rate, total, measure_from));
+    let pacer = std::thread::spawn(move || pace(senders, start, rate, total, measure_from));
 
-    let mut all = Tally::default();
-    for worker in workers {
-        match worker.await {
-            Ok(t) => {
-                all.latencies.extend(t.latencies);
-                all.send_lags.extend(t.send_lags);
-                all.errors += t.errors;
-                all.first_error = all.first_error.or(t.first_error);
-                all.last_done = all.last_done.max(t.last_done);
-            }
-            Err(e) => {
-                all.errors += 1;
-                all.first_error.get_or_insert_with(|| e.to_string());
+    let mut tallies = Vec::with_capacity(pools.len());
+    for workers in pools {
+        let mut all = Tally::default();
+        for worker in workers {
+            match worker.await {
+                Ok(t) => {
+                    all.latencies.extend(t.latencies);
+                    all.send_lags.extend(t.send_lags);
+                    all.errors += t.errors;
+                    all.first_error = all.first_error.or(t.first_error);
+                    all.last_done = all.last_done.max(t.last_done);
+                }
+                Err(e) => {
+                    all.errors += 1;
+                    all.first_error.get_or_insert_with(|| e.to_string());
+                }
             }
         }
+        tallies.push(all);
     }
     let sent = pacer.join().unwrap_or(0);
+    args.target
+        .iter()
+        .zip(tallies)
+        .map(|(target, all)| report(args, *target, sent, measure_from, all))
+        .collect()
+}
+
+/// One target's figures.
+fn report(
+    args: &Args,
+    target: SocketAddr,
+    sent: u64,
+    measure_from: Instant,
+    mut all: Tally,
+) -> serde_json::Value {
     if let Some(e) = &all.first_error {
-        eprintln!("constant_rate: {} errors, the first: {e}", all.errors);
+        eprintln!(
+            "constant_rate: {target}: {} errors, the first: {e}",
+            all.errors
+        );
     }
     all.latencies.sort_unstable();
     all.send_lags.sort_unstable();
@@ -136,7 +174,7 @@ async fn run(args: &Args) -> serde_json::Value {
     let ok = all.latencies.len();
     let ms = |sorted: &[u64], p: f64| percentile(sorted, p) as f64 / 1e6;
     serde_json::json!({
-        "target": args.target.to_string(),
+        "target": target.to_string(),
         "rate": args.rate,
         "seconds": args.seconds,
         "connections": args.connections,
@@ -153,11 +191,11 @@ async fn run(args: &Args) -> serde_json::Value {
     })
 }
 
-/// Hands out request i at start + i/rate from a thread of its own: tokio's timer has 1 ms
-/// granularity, as coarse as the latencies measured (at 5,000/s one is due every 200 µs).
-/// Returns how many measured requests were handed out.
+/// Hands out request i to target k at start + (i + k / targets) / rate from a thread of its own:
+/// tokio's timer has 1 ms granularity, as coarse as the latencies measured (at 5,000/s one is
+/// due every 200 µs). Returns how many measured requests each target was handed.
 fn pace(
-    tx: mpsc::UnboundedSender<Job>,
+    targets: Vec<mpsc::UnboundedSender<Job>>,
     start: Instant,
     rate: f64,
     total: u64,
@@ -168,20 +206,24 @@ fn pace(
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
+    let n = targets.len() as f64;
     let mut measured = 0;
     for i in 0..total {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let job = Job {
-            due,
-            measured: due >= measure_from,
-        };
-        measured += u64::from(job.measured);
-        if tx.send(job).is_err() {
-            break;
+        for (k, tx) in targets.iter().enumerate() {
+            let due = start + Duration::from_secs_f64((i as f64 + k as f64 / n) / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // Measured from the same request index on for every target.
+            let job = Job {
+                due,
+                measured: start + Duration::from_secs_f64(i as f64 / rate) >= measure_from,
+            };
+            measured += u64::from(job.measured && k == 0);
+            if tx.send(job).is_err() {
+                return measured;
+            }
         }
     }
     measured
