@@ -104,19 +104,11 @@ async fn run(args: &Args) -> Vec<serde_json::Value> {
             let mut conn = Conn::new(target);
             // A failed connect is retried by the first request on it, and counted there.
             let _ = conn.connect().await;
-            workers.push((conn, rx.clone(), request.clone()));
+            workers.push(tokio::spawn(work(conn, rx.clone(), request.clone())));
         }
         senders.push(tx);
         pools.push(workers);
     }
-    let pools: Vec<Vec<_>> = pools
-        .into_iter()
-        .map(|pool| {
-            pool.into_iter()
-                .map(|(conn, rx, request)| tokio::spawn(work(conn, rx, request)))
-                .collect()
-        })
-        .collect();
 
     let start = Instant::now() + Duration::from_millis(10);
     let measure_from = start + Duration::from_secs_f64(args.warmup);
@@ -126,23 +118,7 @@ async fn run(args: &Args) -> Vec<serde_json::Value> {
 
     let mut tallies = Vec::with_capacity(pools.len());
     for workers in pools {
-        let mut all = Tally::default();
-        for worker in workers {
-            match worker.await {
-                Ok(t) => {
-                    all.latencies.extend(t.latencies);
-                    all.send_lags.extend(t.send_lags);
-                    all.errors += t.errors;
-                    all.first_error = all.first_error.or(t.first_error);
-                    all.last_done = all.last_done.max(t.last_done);
-                }
-                Err(e) => {
-                    all.errors += 1;
-                    all.first_error.get_or_insert_with(|| e.to_string());
-                }
-            }
-        }
-        tallies.push(all);
+        tallies.push(gather(workers).await);
     }
     let sent = pacer.join().unwrap_or(0);
     args.target
@@ -150,6 +126,27 @@ async fn run(args: &Args) -> Vec<serde_json::Value> {
         .zip(tallies)
         .map(|(target, all)| report(args, *target, sent, measure_from, all))
         .collect()
+}
+
+/// One target's connections' tallies, as one.
+async fn gather(workers: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+    let mut all = Tally::default();
+    for worker in workers {
+        match worker.await {
+            Ok(t) => {
+                all.latencies.extend(t.latencies);
+                all.send_lags.extend(t.send_lags);
+                all.errors += t.errors;
+                all.first_error = all.first_error.or(t.first_error);
+                all.last_done = all.last_done.max(t.last_done);
+            }
+            Err(e) => {
+                all.errors += 1;
+                all.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    all
 }
 
 /// One target's figures.
