@@ -741,21 +741,11 @@ impl<S: AsyncWrite + Unpin> Deadlined<S> {
 /// only there while an answer is being written.
 impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlined<S> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        if this.out.len() + buf.len() > WRITE_GATHER {
-            ready!(this.poll_drain(cx))?;
-            if buf.len() >= WRITE_GATHER {
-                let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-                this.note_sent(&written);
-                return written;
-            }
-        }
-        this.out.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(

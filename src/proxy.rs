@@ -129,7 +129,6 @@ impl Ctx {
 }
 
 impl Proxy {
-    /// Writes one of the proxy's own answers and counts it.
     /// An answer that failed after its head was written, nearly always because the upstream
     /// cut its body. When none of it has left the client edge yet (it is gathered there until
     /// the answer is complete, `edge::WRITE_GATHER`), the client gets our `502` (or `504`) in
@@ -143,27 +142,15 @@ impl Proxy {
         reason: Option<Reason>,
         e: &Error,
     ) -> u16 {
-        let instead = reason
-            .filter(|r| matches!(r, Reason::UpstreamUnreachable | Reason::UpstreamTimeout))
-            .filter(|&r| {
-                let mut answer = LocalResponse::new(
-                    r,
-                    format!("the upstream's answer broke off: {}", e.etype().as_str()),
-                );
-                // The upstream's id, as the access line has it (Genesys support can trace it).
-                if let Some(id) = session
-                    .response_written()
-                    .and_then(|h| h.headers.get("inin-correlation-id"))
-                    .and_then(|v| v.to_str().ok())
-                {
-                    answer.correlation_id = id.to_string();
-                }
-                let headers: Vec<_> = shiftgate_headers(ctx)
-                    .map(|(name, n)| (name, n.to_string()))
-                    .collect();
-                let bytes = answer.http1_closing_with(&headers);
-                downstream_edge(session).is_some_and(|s| s.answer_instead(bytes))
-            });
+        let mut instead = None;
+        if let Some(reason) =
+            reason.filter(|r| matches!(r, Reason::UpstreamUnreachable | Reason::UpstreamTimeout))
+        {
+            let answer = broke_off_answer(session, ctx, reason, e);
+            if downstream_edge(session).is_some_and(|s| s.answer_instead(answer)) {
+                instead = Some(reason);
+            }
+        }
         session.as_downstream_mut().shutdown().await;
         let Some(reason) = instead else {
             return 0;
@@ -178,6 +165,7 @@ impl Proxy {
         reason.status()
     }
 
+    /// Writes one of the proxy's own answers and counts it.
     async fn answer(&self, session: &mut Session, ctx: &mut Ctx, answer: LocalResponse) {
         let route = ctx.route_label();
         self.state
@@ -1139,6 +1127,27 @@ impl ProxyHttp for Proxy {
 /// The client's stream as the client edge wrapped it (see [`crate::edge`]).
 fn downstream_edge(session: &Session) -> Option<&Deadlined<pingora::protocols::Stream>> {
     session.as_downstream().stream()?.as_any().downcast_ref()
+}
+
+/// Our answer in place of one that broke off (see [`Proxy::answer_broke_off`]), whole, with
+/// the upstream's correlation id (as the access line has it: Genesys support can trace it) and
+/// the `X-Shiftgate-*` headers.
+fn broke_off_answer(session: &Session, ctx: &Ctx, reason: Reason, e: &Error) -> Vec<u8> {
+    let mut answer = LocalResponse::new(
+        reason,
+        format!("the upstream's answer broke off: {}", e.etype().as_str()),
+    );
+    if let Some(id) = session
+        .response_written()
+        .and_then(|h| h.headers.get("inin-correlation-id"))
+        .and_then(|v| v.to_str().ok())
+    {
+        answer.correlation_id = id.to_string();
+    }
+    let headers: Vec<_> = shiftgate_headers(ctx)
+        .map(|(name, n)| (name, n.to_string()))
+        .collect();
+    answer.http1_closing_with(&headers)
 }
 
 /// The request's admission at the client edge, when it waited there (see [`crate::edge`]).
