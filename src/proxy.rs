@@ -155,25 +155,25 @@ impl Proxy {
         let Some(reason) = instead else {
             return 0;
         };
+        self.own_answer(ctx, reason);
+        ctx.status_instead = Some(reason.status());
+        reason.status()
+    }
+
+    /// One of the proxy's own answers goes out for `reason`: counted, and kept for the access
+    /// line.
+    fn own_answer(&self, ctx: &mut Ctx, reason: Reason) {
         self.state
             .metrics()
             .rejections_total
             .with_label_values(&[ctx.route_label(), reason.label()])
             .inc();
         ctx.reason = Some(reason);
-        ctx.status_instead = Some(reason.status());
-        reason.status()
     }
 
     /// Writes one of the proxy's own answers and counts it.
     async fn answer(&self, session: &mut Session, ctx: &mut Ctx, answer: LocalResponse) {
-        let route = ctx.route_label();
-        self.state
-            .metrics()
-            .rejections_total
-            .with_label_values(&[route, answer.reason.label()])
-            .inc();
-        ctx.reason = Some(answer.reason);
+        self.own_answer(ctx, answer.reason);
         let body = answer.body();
         let mut resp = match ResponseHeader::build(answer.reason.status(), Some(8)) {
             Ok(r) => r,
