@@ -365,6 +365,11 @@ impl ProxyChild {
         }
     }
 
+    /// How the process ended, if it has (without waiting).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child_mut().try_wait().ok().flatten()
+    }
+
     /// Kills the process now.
     pub fn stop(mut self) {
         self.kill();

@@ -37,6 +37,24 @@ impl DerefMut for ProxyProcess {
     }
 }
 
+/// A test that fails with the proxy still in scope shows how the proxy ended, if it has, and
+/// the end of its log: a client's transport error alone cannot tell a crash from a closed
+/// connection.
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let ended = match self.child.exit_status() {
+                Some(status) => format!("exited: {status}"),
+                None => "still running".to_string(),
+            };
+            eprintln!(
+                "--- the proxy ({ended}), the last 80 lines of its log ---\n{}\n---",
+                self.child.log_tail(80)
+            );
+        }
+    }
+}
+
 impl ProxyProcess {
     /// Starts the proxy on `config`, its upstreams at `upstream` (host:port), and waits until
     /// `/healthz` answers.
