@@ -283,10 +283,16 @@ impl Bucket {
         }
     }
 
-    /// A request granted here left at `sent`, later than its grant: move the schedule with it.
-    pub fn sent_late(&mut self, sent: Nanos) {
+    /// A request granted here at `granted` left at `sent`. Later than half an interval (and
+    /// than [`LATE_SLACK`]), the schedule moves with it: an upstream window it opened then
+    /// still counts at most one request over the rate, as one opened on time by a request a
+    /// little late does (the request a window later, on time, is inside it either way). Less
+    /// late is on time: moving the schedule for it would lose what it was late, every time.
+    pub fn sent_late(&mut self, granted: Nanos, sent: Nanos) {
         let limit = self.limit(sent);
-        self.gcra.tat = self.gcra.tat.max(sent + limit.interval);
+        if sent.saturating_sub(granted) > (limit.interval / 2).max(LATE_SLACK) {
+            self.gcra.tat = self.gcra.tat.max(sent + limit.interval);
+        }
     }
 
     /// A new definition (reload): it keeps its place in time and takes the new rate at once.

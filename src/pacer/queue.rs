@@ -481,17 +481,18 @@ impl<W> Queue<W> {
         !self.holding.is_empty()
     }
 
-    /// A request granted at `granted` left at `sent`. One that left later than its grant (a
-    /// loaded process, a slow connect) moves its buckets' schedule as if granted then, so the
-    /// spacing holds on the wire and not only here: an upstream window opened by a late
-    /// request must not see the request N slots later arrive inside it.
+    /// A request granted at `granted` left at `sent`. One that left well after its grant (a
+    /// loaded process, a slow connect) moves its buckets' schedule as if granted then (see
+    /// [`Bucket::sent_late`]), so the spacing holds on the wire and not only here: an upstream
+    /// window opened by a late request must not see the requests N slots later arrive inside
+    /// it.
     pub fn sent(&mut self, buckets: &[BucketKey], granted: Nanos, sent: Nanos) {
         if sent.saturating_sub(granted) <= LATE_SLACK {
             return;
         }
         for key in buckets {
             if let Some(l) = self.lanes.get_mut(key) {
-                l.bucket.sent_late(sent);
+                l.bucket.sent_late(granted, sent);
             }
         }
     }

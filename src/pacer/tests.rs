@@ -349,6 +349,21 @@ async fn a_request_that_left_late_moves_the_schedule_with_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_less_late_than_half_an_interval_leaves_the_schedule_alone() {
+    // 10/s: an interval of 100 ms. Left 40 ms late, it is on time; 60 ms late, it is not.
+    for (late, next) in [(40, 100), (60, 160)] {
+        let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
+        let t0 = Instant::now();
+        let d = demand(&p, &[("g", None)], Priority::Normal);
+        let g = p.admit(d.clone()).unwrap().granted().await.unwrap();
+        p.sent(&g.buckets, g.at, t0 + Duration::from_millis(late));
+        g.commit();
+        let n = p.admit(d).unwrap().granted().await.unwrap();
+        assert_eq!((n.at - t0).as_millis(), next, "left {late} ms late");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retry_goes_to_the_head_of_the_queue() {
     let p = one_budget("g", 10.0, 1, Per::Global, 1000, 10);
     let t0 = Instant::now();
