@@ -247,7 +247,7 @@ impl ProxyChild {
                 );
             }
             let healthy = matches!(get(self.admin(), "/healthz").await, Ok(a) if a.status == 200);
-            if healthy && tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
+            if healthy && probe(self.addr()).await {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -390,6 +390,22 @@ impl Drop for ProxyChild {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether `addr` accepts a connection. The probe sends nothing and closes its side, then
+/// waits (up to a second) for the server to close its own: by then the server is done with the
+/// connection, so the probe is not still counted among the connections open (`limits.
+/// max_connections`) when the caller's first connections arrive.
+async fn probe(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let _ = s.shutdown().await;
+    let mut buf = [0u8; 256];
+    let closed = async { while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
+    true
 }
 
 /// A new directory `{prefix}-{pid}-{n}-{nanos}` in the system's temporary directory (`n` counts

@@ -179,6 +179,10 @@ async fn a_request_head_trickled_a_byte_at_a_time_is_cut_off_after_the_header_ti
 async fn past_max_connections_a_new_connection_gets_503_overloaded_and_is_closed() {
     let upstream = Upstream::start().await;
     let proxy = ProxyProcess::start(&config("  max_connections: 3"), upstream.addr).await;
+    // The start's readiness probe is no longer counted.
+    proxy
+        .wait_for_metric(CONNECTIONS_PLAIN, Duration::from_secs(2), |v| v == 0.0)
+        .await;
 
     // Three keep-alive connections, each served once: all of them hold a place.
     let mut open = Vec::new();
