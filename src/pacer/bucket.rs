@@ -283,11 +283,10 @@ impl Bucket {
         }
     }
 
-    /// A request granted here at `granted` left at `sent`. Later than half an interval (and
-    /// than [`LATE_SLACK`]), the schedule moves with it: an upstream window it opened then
-    /// still counts at most one request over the rate, as one opened on time by a request a
-    /// little late does (the request a window later, on time, is inside it either way). Less
-    /// late is on time: moving the schedule for it would lose what it was late, every time.
+    /// A request granted here at `granted` left at `sent`. More than half an interval late (and
+    /// more than [`LATE_SLACK`]), the schedule moves with it. Less late counts as on time: an
+    /// upstream window it opens still sees at most one request over the rate, and moving the
+    /// schedule would lose the time it was late, at every such request.
     pub fn sent_late(&mut self, granted: Nanos, sent: Nanos) {
         let limit = self.limit(sent);
         if sent.saturating_sub(granted) > (limit.interval / 2).max(LATE_SLACK) {
