@@ -355,7 +355,7 @@ impl ProxyChild {
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = self.child_mut().try_wait().ok().flatten() {
+            if let Some(status) = self.exit_status() {
                 return status.code();
             }
             if Instant::now() >= deadline {

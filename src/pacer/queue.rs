@@ -487,9 +487,6 @@ impl<W> Queue<W> {
     /// window opened by a late request must not see the requests N slots later arrive inside
     /// it.
     pub fn sent(&mut self, buckets: &[BucketKey], granted: Nanos, sent: Nanos) {
-        if sent.saturating_sub(granted) <= LATE_SLACK {
-            return;
-        }
         for key in buckets {
             if let Some(l) = self.lanes.get_mut(key) {
                 l.bucket.sent_late(granted, sent);
